@@ -1,0 +1,106 @@
+"""The audit grid's layer axis: units grouped into layer blocks of B_L consecutive units.
+
+Every layer block carries a static `BlockSpec` (unit names and NNX graph definitions:
+hashable, so it is a static argument of the jitted block functions) and two pure
+pytrees: its trainable parameters and its frozen ones, each a dict unit name ->
+`nnx.to_pure_dict` of that unit. Block k holds units [k*B_L, (k+1)*B_L).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+
+from aftune import model as model_lib
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """What block `index` computes; static (hashable) under jit."""
+  index: int
+  num_blocks: int
+  unit_names: tuple[str, ...]
+  unit_indices: tuple[int, ...]  # position of each unit in the model, for dropout keys
+  graphdefs: tuple[Any, ...]
+
+  @property
+  def is_first(self) -> bool:
+    return self.index == 0
+
+  @property
+  def is_last(self) -> bool:
+    return self.index == self.num_blocks - 1
+
+
+@dataclasses.dataclass
+class BlockedParams:
+  """The model cut into layer blocks: static specs plus per-block pure pytrees."""
+  specs: tuple[BlockSpec, ...]
+  trainable: list[PyTree]
+  frozen: list[PyTree]
+
+  @property
+  def num_blocks(self) -> int:
+    return len(self.specs)
+
+
+def num_layer_blocks(num_units: int, units_per_block: int) -> int:
+  return -(-num_units // units_per_block)
+
+
+def trainable_filter(cfg: model_lib.ModelConfig) -> Any:
+  """LoRA: only adapters train. Full fine-tuning: every Param (never a tied copy)."""
+  return nnx.LoRAParam if cfg.lora is not None else nnx.Param
+
+
+def split_into_blocks(cfg: model_lib.ModelConfig, units: dict[str, nnx.Module],
+                      units_per_block: int) -> BlockedParams:
+  """Cuts the ordered units into layer blocks of `units_per_block` (B_L) units.
+
+  Args:
+    cfg: the model config (decides what is trainable).
+    units: ordered unit name -> module, as `model.build_units` or the importer returns.
+    units_per_block: B_L >= 1; the last block may hold fewer units.
+
+  Returns:
+    BlockedParams with one spec and one trainable/frozen pytree per layer block.
+  """
+  if units_per_block < 1:
+    raise ValueError(f"units_per_block (B_L) must be >= 1, got {units_per_block}")
+  if cfg.tie_embeddings and cfg.lora is None:
+    raise ValueError(
+        "full fine-tuning with tied embeddings would train one matrix from two layer blocks; "
+        "set model.tie_embeddings=False (the importer then copies the embedding into lm_head) "
+        "or use LoRA")
+  names = list(units)
+  if tuple(names) != cfg.unit_names:
+    raise ValueError(f"units {names} do not match the config's unit list {cfg.unit_names}")
+  filt = trainable_filter(cfg)
+  n_blocks = num_layer_blocks(len(names), units_per_block)
+  specs, trainable, frozen = [], [], []
+  for b in range(n_blocks):
+    idx = tuple(range(b * units_per_block, min((b + 1) * units_per_block, len(names))))
+    graphdefs, t_block, f_block = [], {}, {}
+    for i in idx:
+      graphdef, t_state, f_state = nnx.split(units[names[i]], filt, ...)
+      graphdefs.append(graphdef)
+      t_block[names[i]] = nnx.to_pure_dict(t_state)
+      f_block[names[i]] = nnx.to_pure_dict(f_state)
+    specs.append(BlockSpec(b, n_blocks, tuple(names[i] for i in idx), idx, tuple(graphdefs)))
+    trainable.append(t_block)
+    frozen.append(f_block)
+  return BlockedParams(tuple(specs), trainable, frozen)
+
+
+def merge_units(blocked: BlockedParams, trainable: list[PyTree] | None = None) -> dict[str, nnx.Module]:
+  """Rebuilds the unit modules (e.g. for generation) from blocked pytrees."""
+  trainable = blocked.trainable if trainable is None else trainable
+  units = {}
+  for spec, t_block, f_block in zip(blocked.specs, trainable, blocked.frozen):
+    for name, gd in zip(spec.unit_names, spec.graphdefs):
+      units[name] = nnx.merge(gd, t_block[name], f_block[name])
+  return units

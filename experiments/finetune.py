@@ -1,0 +1,33 @@
+r"""Fine-tunes a model with the blocked (auditable) step; resumes if the workdir has a run.
+
+  python -m experiments.finetune --config configs/finetune.py:tiny --workdir /tmp/aftune_tiny
+
+The library does the work (`aftune.train.train`); this file only parses flags.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from aftune import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py:tiny", "Run sheet.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the run's files go.", required=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.info("JAX %s on %s: %s", jax.__version__, jax.default_backend(), jax.devices())
+  result = train.train(_CONFIG.value, _WORKDIR.value)
+  if result.losses:
+    logging.info("done: %d steps, final loss %.4f", result.step, result.losses[-1])
+  else:
+    logging.info("nothing to do: %s already holds all %d steps", _WORKDIR.value, result.step)
+
+
+if __name__ == "__main__":
+  app.run(main)

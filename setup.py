@@ -1,0 +1,33 @@
+"""aftune: auditable fine-tuning and inference in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="aftune",
+    version="0.1.0",
+    packages=setuptools.find_packages(include=["aftune", "aftune.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # Pinned: these decide the bits of every step (see docs/determinism.md).
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "numpy==2.4.6",
+        "ml-dtypes==0.6.0",
+        "orbax-checkpoint==0.12.8",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "blake3==1.0.11",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "cryptography>=42",
+        "matplotlib>=3.8",
+        "zstandard>=0.22",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # Hugging Face parity tests; torch 2.13.0 is the CPU build shipped on the dev machines.
+        "hf": ["torch==2.13.0", "transformers>=4.51"],
+    },
+)
