@@ -23,6 +23,7 @@ from aftune import checkpoint as ckpt_lib
 from aftune import job as job_lib
 from aftune import optim
 from aftune import provenance
+from aftune import recorder as recorder_lib
 from aftune import step as step_lib
 
 PyTree = Any
@@ -38,7 +39,13 @@ class StepObserver(Protocol):
                  step_key: jax.Array, trace: step_lib.StepTrace) -> None:
     ...
 
-  def finish(self, step: int, params: list[PyTree], opt_states: list[PyTree]) -> None:
+  def before_checkpoint(self, step: int) -> None:
+    ...
+
+  def finish(self, step: int, params: list[PyTree], opt_states: list[PyTree]) -> Any:
+    ...
+
+  def close(self) -> None:
     ...
 
 
@@ -80,7 +87,9 @@ def _check_or_write_config(workdir: Path, config: ml_collections.ConfigDict) -> 
 
 
 def _checkpoint_items(params: list[PyTree], opt_states: list[PyTree]) -> dict[str, PyTree]:
-  return {f"block_{k}": {"params": p, "opt_state": o} for k, (p, o) in enumerate(zip(params, opt_states))}
+  items = {f"params_{k}": p for k, p in enumerate(params)}
+  items.update({f"opt_state_{k}": o for k, o in enumerate(opt_states)})
+  return items
 
 
 def restore_state(checkpointer: ckpt_lib.Checkpointer, step: int, job: job_lib.Job,
@@ -88,11 +97,11 @@ def restore_state(checkpointer: ckpt_lib.Checkpointer, step: int, job: job_lib.J
   """Params and optimizer state at `step` (optionally of some layer blocks only)."""
   opt0 = job.init_opt_states()
   blocks = list(range(job.blocked.num_blocks)) if blocks is None else blocks
-  abstract = {f"block_{k}": {"params": job.blocked.trainable[k], "opt_state": opt0[k]} for k in blocks}
+  abstract = {f"params_{k}": job.blocked.trainable[k] for k in blocks}
+  abstract.update({f"opt_state_{k}": opt0[k] for k in blocks})
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), abstract)
   items = checkpointer.restore(step, abstract)
-  return ([items[f"block_{k}"]["params"] for k in blocks],
-          [items[f"block_{k}"]["opt_state"] for k in blocks])
+  return [items[f"params_{k}"] for k in blocks], [items[f"opt_state_{k}"] for k in blocks]
 
 
 class _Progress:
@@ -110,14 +119,13 @@ class _Progress:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
-          observer: StepObserver | None = None, stop_after_steps: int | None = None,
-          job: job_lib.Job | None = None) -> TrainResult:
+          stop_after_steps: int | None = None, job: job_lib.Job | None = None) -> TrainResult:
   """Runs (or resumes) the fine-tuning job in `workdir`.
 
   Args:
     config: a `configs/finetune.py` config.
-    workdir: where config.json, provenance.json, metrics.jsonl and checkpoints/ go.
-    observer: the recorder, or None for an unrecorded run.
+    workdir: where config.json, provenance.json, metrics.jsonl, checkpoints/ and (when
+      config.record) the trace and commitment.json go.
     stop_after_steps: stop (as if killed, after the last checkpoint save) once this
       process has run this many steps; for tests of resume.
     job: a prebuilt job (otherwise built from config).
@@ -133,13 +141,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   b_s = int(config.audit.steps_per_block)
   ckpt_every = b_s * int(config.audit.checkpoint_interval)
 
+  if config.record and config.step_impl != "blocked":
+    raise job_lib.ConfigError("record=True needs step_impl='blocked' (the plain step is the "
+                              "unaudited baseline); set --config.record=False")
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints")
-  start = checkpointer.latest_step() or 0
-  if start:
+  latest = checkpointer.latest_step()
+  start = latest or 0
+  done = start == job.num_steps and (not config.record or (workdir / "commitment.json").exists())
+  observer = None
+  if config.record and not done:
+    observer = recorder_lib.Recorder(
+        workdir, job, start_step=start,
+        key_path=config.audit.provider_key or workdir / "provider_key.pem")
+  if latest is not None:
     params, opt_states = restore_state(checkpointer, start, job)
     logging.info("resumed from checkpoint at step %d", start)
   else:
     params, opt_states = list(job.blocked.trainable), job.init_opt_states()
+    if observer is not None:
+      observer.before_checkpoint(0)
     checkpointer.save(0, _checkpoint_items(params, opt_states), {"step": 0})
   _truncate_metrics(workdir / "metrics.jsonl", start)
   n_trainable = sum(job_lib.count_params(p) for p in params)
@@ -194,6 +214,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
       drain(keep=1)
       step += 1
       if step % ckpt_every == 0 or step == job.num_steps:
+        if observer is not None:
+          observer.before_checkpoint(step)
         checkpointer.save(step, _checkpoint_items(params, opt_states), {"step": step}, wait=False)
     drain(keep=0)
     if observer is not None and step == job.num_steps:
@@ -201,6 +223,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   finally:
     metrics_f.close()
     checkpointer.close()
+    if observer is not None:
+      observer.close()
   return TrainResult(params=params, opt_states=opt_states, step=step, losses=losses, job=job)
 
 

@@ -69,6 +69,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.audit.units_per_block = 2  # B_L: consecutive units per layer block
   c.audit.checkpoint_interval = 8  # I_C: store full state every I_C step blocks
   c.audit.activation_interval = 1  # I_A: store boundary tensors every I_A layer blocks
+  c.audit.provider_key = ""  # Ed25519 PEM signing the commitment; "": <workdir>/provider_key.pem
+  c.record = True  # write the committed trace (needs step_impl=blocked)
   c.step_impl = "blocked"  # blocked (auditable) | plain (single jit, unaudited baseline)
 
   c.log_every = 10  # steps between progress lines and metrics.jsonl rows
