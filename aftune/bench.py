@@ -8,7 +8,8 @@ drift; report their ratio, and medians over rounds rather than means.
 Generic helpers (reused by the record/verify benchmarks):
   time_interleaved(step_fns, steps=, warmup=, round_steps=) -> {name: Timing}
   Timing: per-round seconds per step; .median_s, .iqr_s, .rel_spread, .steps_per_s
-  time_ratio(num, den), format_table(header, rows), peak_rss_bytes(), fmt_bytes(n)
+  time_ratio(num, den): ratio of medians; paired_ratio(num, den): median of per-round ratios
+  format_table(header, rows), peak_rss_bytes(), fmt_bytes(n)
 The training benchmark:
   bench_train(config, steps=, warmup=, round_steps=) -> TrainBench; format_train_bench(r)
 """
@@ -79,7 +80,8 @@ class Timing:
 
 def time_interleaved(step_fns: Mapping[str, StepFn], *, steps: int, warmup: int = 1,
                      round_steps: int = 1, timer: Callable[[], float] = time.perf_counter,
-                     block: Callable[[Any], Any] = jax.block_until_ready) -> dict[str, Timing]:
+                     block: Callable[[Any], Any] = jax.block_until_ready,
+                     on_warmup_done: Callable[[str], None] | None = None) -> dict[str, Timing]:
   """Times named step functions interleaved, compilation (warmup) excluded.
 
   Every variant is called with the same step indices: 0..warmup-1 untimed (each variant
@@ -97,6 +99,8 @@ def time_interleaved(step_fns: Mapping[str, StepFn], *, steps: int, warmup: int 
     warmup: untimed steps per variant first (at least 1 to exclude compilation).
     round_steps: steps per variant per round (the last round may be shorter).
     timer, block: the clock and the wait-for-device function (injectable for tests).
+    on_warmup_done: called with each variant's name after its warmup (e.g. to read
+      peak memory, which compilation and the first steps set).
 
   Returns:
     name -> Timing, in the order of `step_fns`.
@@ -110,6 +114,8 @@ def time_interleaved(step_fns: Mapping[str, StepFn], *, steps: int, warmup: int 
   for name in names:
     for i in range(warmup):
       block(step_fns[name](i))
+    if on_warmup_done is not None:
+      on_warmup_done(name)
   rounds: dict[str, list[float]] = {n: [] for n in names}
   starts = list(range(warmup, warmup + steps, round_steps))
   for r, first in enumerate(starts):
@@ -136,6 +142,18 @@ def time_interleaved(step_fns: Mapping[str, StepFn], *, steps: int, warmup: int 
 def time_ratio(num: Timing, den: Timing) -> float:
   """num's median time per step / den's."""
   return num.median_s / den.median_s
+
+
+def paired_ratio(num: Timing, den: Timing) -> float:
+  """Median over rounds of num's / den's time in the same round.
+
+  Rounds of the two variants run back to back, so each pair sees about the same machine
+  load; under drift (another job starting or stopping) this is steadier than the ratio
+  of medians, which compares different moments.
+  """
+  if len(num.round_s) != len(den.round_s):
+    raise ValueError(f"{num.name} has {len(num.round_s)} rounds, {den.name} {len(den.round_s)}")
+  return float(statistics.median(a / b for a, b in zip(num.round_s, den.round_s)))
 
 
 def peak_rss_bytes() -> int:
@@ -185,6 +203,7 @@ class TrainBench:
   max_abs_loss_diff: float  # over every step run (warmup included), blocked vs plain
   losses_bitwise_equal: bool
   peak_rss_bytes: int
+  rss_stages: dict[str, int]  # peak RSS after: job built, each variant's warmup
   environment: dict[str, Any]
 
   @property
@@ -201,13 +220,18 @@ class TrainBench:
     """blocked / plain steps per second (the inverse of time_ratio)."""
     return self.timings["blocked"].steps_per_s / self.timings["plain"].steps_per_s
 
+  @property
+  def paired_time_ratio(self) -> float:
+    """blocked / plain, the median over rounds of the per-round ratio (drift-robust)."""
+    return paired_ratio(self.timings["blocked"], self.timings["plain"])
+
   def to_json(self) -> dict[str, Any]:
     out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "timings"}
     out["timings"] = {n: t.to_json() for n, t in self.timings.items()}
     for n, t in self.timings.items():
       out["timings"][n]["tokens_per_s"] = self.tokens_per_step * t.steps_per_s
     out.update(tokens_per_step=self.tokens_per_step, time_ratio=self.time_ratio,
-               steps_per_s_ratio=self.steps_per_s_ratio)
+               steps_per_s_ratio=self.steps_per_s_ratio, paired_time_ratio=self.paired_time_ratio)
     return out
 
 
@@ -231,6 +255,7 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: i
     The TrainBench.
   """
   job = job or job_lib.build_job(config)
+  rss_stages = {"job built": peak_rss_bytes()}
   total = warmup + steps
   batches = [job.batch(i)[1] for i in range(total)]
   keys = [job.step_key(i) for i in range(total)]
@@ -256,7 +281,8 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: i
     return params, opt, loss, g_norm
 
   timings = time_interleaved({"blocked": blocked, "plain": plain}, steps=steps, warmup=warmup,
-                             round_steps=round_steps)
+                             round_steps=round_steps,
+                             on_warmup_done=lambda n: rss_stages.update({f"{n} warmup": peak_rss_bytes()}))
   loss_b = np.asarray(jax.device_get(losses["blocked"]))
   loss_p = np.asarray(jax.device_get(losses["plain"]))
   params0 = job.blocked.trainable
@@ -270,7 +296,7 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: i
       timings=timings, final_loss={"blocked": float(loss_b[-1]), "plain": float(loss_p[-1])},
       max_abs_loss_diff=float(np.max(np.abs(loss_b - loss_p))),
       losses_bitwise_equal=loss_b.tobytes() == loss_p.tobytes(),
-      peak_rss_bytes=peak_rss_bytes(), environment=provenance.environment_manifest())
+      peak_rss_bytes=peak_rss_bytes(), rss_stages=rss_stages, environment=provenance.environment_manifest())
 
 
 def format_train_bench(r: TrainBench) -> str:
@@ -296,8 +322,11 @@ def format_train_bench(r: TrainBench) -> str:
       "",
       table,
       "",
-      f"ratio blocked/plain  time per step {r.time_ratio:.3f}x   steps/s {r.steps_per_s_ratio:.3f}x",
+      f"ratio blocked/plain  time per step {r.time_ratio:.3f}x   steps/s {r.steps_per_s_ratio:.3f}x"
+      "   (ratio of medians)",
+      f"                     time per step {r.paired_time_ratio:.3f}x   (median of per-round ratios)",
       f"loss after {r.warmup + steps} steps  blocked {r.final_loss['blocked']:.6f}  "
       f"plain {r.final_loss['plain']:.6f}  (per-step losses: {agree})",
-      f"peak RSS         {fmt_bytes(r.peak_rss_bytes)}",
+      f"peak RSS         {fmt_bytes(r.peak_rss_bytes)}  (peak after "
+      + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in r.rss_stages.items()) + ")",
   ])

@@ -104,3 +104,25 @@ def merge_units(blocked: BlockedParams, trainable: list[PyTree] | None = None) -
     for name, gd in zip(spec.unit_names, spec.graphdefs):
       units[name] = nnx.merge(gd, t_block[name], f_block[name])
   return units
+
+
+def abstract_block(cfg: model_lib.ModelConfig, units_per_block: int,
+                   block: int) -> tuple[BlockSpec, PyTree, PyTree]:
+  """Spec and shape-only trainable/frozen pytrees of one layer block, allocating nothing.
+
+  The verifier builds the block it replays this way: it never holds another block.
+  """
+  names = cfg.unit_names
+  n_blocks = num_layer_blocks(len(names), units_per_block)
+  if not 0 <= block < n_blocks:
+    raise ValueError(f"layer block {block} outside 0..{n_blocks - 1}")
+  filt = trainable_filter(cfg)
+  idx = tuple(range(block * units_per_block, min((block + 1) * units_per_block, len(names))))
+  graphdefs, t_block, f_block = [], {}, {}
+  for i in idx:
+    graphdef, t_state, f_state = nnx.split(model_lib.abstract_unit(cfg, names[i]), filt, ...)
+    graphdefs.append(graphdef)
+    t_block[names[i]] = nnx.to_pure_dict(t_state)
+    f_block[names[i]] = nnx.to_pure_dict(f_state)
+  spec = BlockSpec(block, n_blocks, tuple(names[i] for i in idx), idx, tuple(graphdefs))
+  return spec, t_block, f_block

@@ -62,7 +62,12 @@ class Job:
     return idx, {k: jnp.asarray(v) for k, v in data_lib.make_batch(self.encoded, idx).items()}
 
   def step_key(self, step: int) -> jax.Array:
-    return jax.random.fold_in(self.root_key, step)
+    return step_key(int(self.config.seed), step)
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+  """The committed per-step key: fold_in(key(seed), step); the verifier recomputes it."""
+  return jax.random.fold_in(jax.random.key(seed), step)
 
 
 def _model_config(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:

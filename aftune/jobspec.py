@@ -18,6 +18,7 @@ from aftune import grid as grid_lib
 from aftune import hashing
 from aftune import job as job_lib
 from aftune import merkle
+from aftune import optim
 from aftune import provenance
 from aftune import step as step_lib
 from aftune import trace
@@ -70,29 +71,49 @@ def file_hash(path: str | Path) -> bytes:
   return hashing.hash_bytes(b"aftune/v1/file", Path(path).read_bytes())
 
 
+def _program_hash(text: str) -> str:
+  return hashing.hexdigest(hashing.hash_bytes(b"aftune/v1/program", text.encode()))
+
+
+def block_fingerprint(spec: grid_lib.BlockSpec, opt_cfg: optim.OptimConfig, params: PyTree,
+                      frozen: PyTree, opt_state: PyTree, x_in: Any, batch: Any,
+                      key: jax.Array) -> tuple[dict[str, str], Any, Any]:
+  """Program hashes of one block's jitted functions for these shapes.
+
+  Returns:
+    ({name: hex}, abstract output boundary, abstract norm partials).
+  """
+  out = {f"block_fwd/{spec.index}": step_lib.block_fwd.lower(spec, params, frozen, x_in, batch,
+                                                               key).as_text()}
+  y, vjp = jax.eval_shape(step_lib.block_fwd, spec, params, frozen, x_in, batch, key)
+  g, _ = jax.eval_shape(step_lib.block_bwd, vjp, y)
+  out[f"block_bwd/{spec.index}"] = step_lib.block_bwd.lower(vjp, y).as_text()
+  out[f"block_sq_norms/{spec.index}"] = step_lib.block_sq_norms.lower(g).as_text()
+  norm = jax.ShapeDtypeStruct((), np.float32)
+  out[f"block_update/{spec.index}"] = step_lib.block_update.lower(opt_cfg, params, opt_state, g,
+                                                                 norm).as_text()
+  return ({k: _program_hash(v) for k, v in out.items()}, y,
+          jax.eval_shape(step_lib.block_sq_norms, g))
+
+
+def combine_fingerprint(partials: list[Any]) -> str:
+  return _program_hash(step_lib.combine_norms.lower(partials).as_text())
+
+
 def program_fingerprint(job: job_lib.Job) -> dict[str, str]:
   """BLAKE3 of the lowered StableHLO text of every jitted block function (agreed shapes)."""
-  specs, params, frozen = job.blocked.specs, job.blocked.trainable, job.blocked.frozen
-  opt_states = job.init_opt_states()
   _, batch = job.batch(0)
   key = job.step_key(0)
   out: dict[str, str] = {}
   x = batch["tokens"]
-  grads, partials = [], []
-  for spec, p, f, o in zip(specs, params, frozen, opt_states):
-    out[f"block_fwd/{spec.index}"] = step_lib.block_fwd.lower(spec, p, f, x, batch, key).as_text()
-    y, vjp = jax.eval_shape(step_lib.block_fwd, spec, p, f, x, batch, key)
-    g, _ = jax.eval_shape(step_lib.block_bwd, vjp, y)
-    out[f"block_bwd/{spec.index}"] = step_lib.block_bwd.lower(vjp, y).as_text()
-    out[f"block_sq_norms/{spec.index}"] = step_lib.block_sq_norms.lower(g).as_text()
-    partials.append(jax.eval_shape(step_lib.block_sq_norms, g))
-    norm = jax.ShapeDtypeStruct((), np.float32)
-    out[f"block_update/{spec.index}"] = step_lib.block_update.lower(job.opt_cfg, p, o, g, norm).as_text()
-    grads.append(g)
-    x = y
-  out["combine_norms"] = step_lib.combine_norms.lower(partials).as_text()
-  return {name: hashing.hexdigest(hashing.hash_bytes(b"aftune/v1/program", text.encode()))
-          for name, text in out.items()}
+  partials = []
+  for spec, p, f, o in zip(job.blocked.specs, job.blocked.trainable, job.blocked.frozen,
+                           job.init_opt_states()):
+    hashes, x, part = block_fingerprint(spec, job.opt_cfg, p, f, o, x, batch, key)
+    out.update(hashes)
+    partials.append(part)
+  out["combine_norms"] = combine_fingerprint(partials)
+  return out
 
 
 def hyperparameters(job: job_lib.Job) -> dict[str, Any]:

@@ -320,6 +320,26 @@ class LMHead(nnx.Module):
     return (x_BxTxD.astype(dt) @ w_DxV).astype(jnp.float32)
 
 
+def build_unit(cfg: ModelConfig, name: str, rngs: nnx.Rngs,
+               tied_embedding: Array | None = None) -> nnx.Module:
+  """One unit by name ("embed", "layer_<i>", "final_norm", "lm_head")."""
+  if name == "embed":
+    return Embed(cfg, rngs)
+  if name.startswith("layer_"):
+    return DecoderLayer(cfg, rngs)
+  if name == "final_norm":
+    return FinalNorm(cfg)
+  if name == "lm_head":
+    if cfg.tie_embeddings and tied_embedding is None:
+      tied_embedding = jnp.zeros((cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
+    return LMHead(cfg, rngs, tied_embedding=tied_embedding)
+  raise ValueError(f"unknown unit {name!r}")
+
+
+def _rngs(seed: int) -> nnx.Rngs:
+  return nnx.Rngs(params=seed, lora=jax.random.fold_in(jax.random.key(seed), 1))
+
+
 def build_units(cfg: ModelConfig, seed: int) -> dict[str, nnx.Module]:
   """Randomly initialised units, in order. LoRA A matrices draw from their own stream.
 
@@ -330,14 +350,17 @@ def build_units(cfg: ModelConfig, seed: int) -> dict[str, nnx.Module]:
   Returns:
     An ordered dict unit name -> module.
   """
-  rngs = nnx.Rngs(params=seed, lora=jax.random.fold_in(jax.random.key(seed), 1))
-  units: dict[str, nnx.Module] = {"embed": Embed(cfg, rngs)}
-  for i in range(cfg.num_layers):
-    units[f"layer_{i}"] = DecoderLayer(cfg, rngs)
-  units["final_norm"] = FinalNorm(cfg)
-  tied = units["embed"].embedding[...] if cfg.tie_embeddings else None
-  units["lm_head"] = LMHead(cfg, rngs, tied_embedding=tied)
+  rngs = _rngs(seed)
+  units: dict[str, nnx.Module] = {}
+  for name in cfg.unit_names:
+    tied = units["embed"].embedding[...] if name == "lm_head" and cfg.tie_embeddings else None
+    units[name] = build_unit(cfg, name, rngs, tied_embedding=tied)
   return units
+
+
+def abstract_unit(cfg: ModelConfig, name: str) -> nnx.Module:
+  """A unit's structure with shape-only parameters: nothing is allocated."""
+  return nnx.eval_shape(lambda: build_unit(cfg, name, _rngs(0)))
 
 
 def masked_cross_entropy(logits_BxTxV: Array, targets_BxT: Array, loss_mask_BxT: Array) -> Array:

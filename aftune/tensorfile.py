@@ -26,8 +26,9 @@ class TensorFileError(ValueError):
   """A tensor file is missing, truncated or corrupt (the message names it)."""
 
 
-def encode(tensors: Mapping[str, np.ndarray], level: int = 1) -> bytes:
-  """The compressed file bytes for `tensors` (name -> host array)."""
+def encode(tensors: Mapping[str, np.ndarray], level: int = 1,
+           metadata: Mapping[str, str] | None = None) -> bytes:
+  """The compressed file bytes for `tensors` (name -> host array) and string metadata."""
   stored, dtypes = {}, {}
   for name, a in tensors.items():
     a = np.asarray(a)
@@ -35,17 +36,19 @@ def encode(tensors: Mapping[str, np.ndarray], level: int = 1) -> bytes:
       dtypes[name] = a.dtype.name
       a = a.view(_VIEWS[a.dtype.name][0])
     stored[name] = np.ascontiguousarray(a) if a.ndim else a.reshape(())
-  raw = safetensors.numpy.save(stored, metadata={"aftune_dtypes": json.dumps(dtypes, sort_keys=True)})
+  meta = {**(metadata or {}), "aftune_dtypes": json.dumps(dtypes, sort_keys=True)}
+  raw = safetensors.numpy.save(stored, metadata=meta)
   return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(raw)
 
 
-def write(path: Path, tensors: Mapping[str, np.ndarray], level: int = 1) -> int:
-  """Writes atomically (tmp file, fsync, rename); never replaces an existing file.
+def write(path: Path, tensors: Mapping[str, np.ndarray], level: int = 1,
+          metadata: Mapping[str, str] | None = None) -> int:
+  """Writes atomically (tmp file, fsync, rename) so a reader never sees half a file.
 
   Returns:
     The number of bytes written.
   """
-  data = encode(tensors, level)
+  data = encode(tensors, level, metadata)
   tmp = path.with_name(path.name + ".tmp")
   with open(tmp, "wb") as f:
     f.write(data)
@@ -57,6 +60,11 @@ def write(path: Path, tensors: Mapping[str, np.ndarray], level: int = 1) -> int:
 
 def read(path: Path) -> dict[str, np.ndarray]:
   """Loads a tensor file; any damage raises TensorFileError naming the file."""
+  return read_with_metadata(path)[0]
+
+
+def read_with_metadata(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """Tensors and the string metadata stored beside them."""
   path = Path(path)
   try:
     data = path.read_bytes()
@@ -75,4 +83,5 @@ def read(path: Path) -> dict[str, np.ndarray]:
     raise TensorFileError(f"{path}: not a valid safetensors payload ({e})") from None
   for name, dt in dtypes.items():
     tensors[name] = tensors[name].view(_VIEWS[dt][1])
-  return tensors
+  meta.pop("aftune_dtypes", None)
+  return tensors, meta

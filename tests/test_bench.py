@@ -32,10 +32,11 @@ def test_time_interleaved_order_warmup_and_stats():
   clock, log, blocked_on = _FakeClock(), [], []
   fns = _fake_steps(clock, {"a": 2.0, "b": 1.0}, log)
   timings = bench.time_interleaved(fns, steps=5, warmup=2, round_steps=2, timer=clock,
-                                   block=blocked_on.append)
+                                   block=blocked_on.append,
+                                   on_warmup_done=lambda n: log.append((n, "warm")))
   # Warmup: each variant alone on steps 0, 1; then rounds of 2 (the last of 1), the
   # starting variant rotating; both variants see the same step indices.
-  assert log == [("a", 0), ("a", 1), ("b", 0), ("b", 1),
+  assert log == [("a", 0), ("a", 1), ("a", "warm"), ("b", 0), ("b", 1), ("b", "warm"),
                  ("a", 2), ("a", 3), ("b", 2), ("b", 3),
                  ("b", 4), ("b", 5), ("a", 4), ("a", 5),
                  ("a", 6), ("b", 6)]
@@ -49,7 +50,17 @@ def test_time_interleaved_order_warmup_and_stats():
   assert a.iqr_s == pytest.approx(1.0) and a.rel_spread == pytest.approx(0.5)
   assert b.steps_per_s == 1.0
   assert bench.time_ratio(a, b) == 2.0
+  assert bench.paired_ratio(a, b) == 2.0
   assert json.loads(json.dumps(a.to_json()))["median_s"] == 2.0
+
+
+def test_paired_ratio_cancels_drift():
+  # The machine slows 3x in round 2, after a's part and before b's: a is 0.8x b in every
+  # other round, but the ratio of medians compares a's fast rounds with b's slow ones.
+  a = bench.Timing("a", (0.8, 0.8, 0.8, 2.4, 2.4), 5)
+  b = bench.Timing("b", (1.0, 1.0, 3.0, 3.0, 3.0), 5)
+  assert bench.paired_ratio(a, b) == pytest.approx(0.8)
+  assert bench.time_ratio(a, b) == pytest.approx(0.8 / 3.0)
 
 
 def test_time_interleaved_rejects_bad_arguments():
@@ -89,6 +100,10 @@ def test_bench_train_on_a_very_small_job():
   assert all(t > 0 for t in blocked.round_s + plain.round_s)
   assert r.time_ratio == blocked.median_s / plain.median_s
   assert r.steps_per_s_ratio == pytest.approx(1.0 / r.time_ratio)
+  assert r.paired_time_ratio == pytest.approx(
+      sorted(x / y for x, y in zip(blocked.round_s, plain.round_s))[0] / 2
+      + sorted(x / y for x, y in zip(blocked.round_s, plain.round_s))[1] / 2)
+  assert list(r.rss_stages) == ["job built", "blocked warmup", "plain warmup"]
   assert (r.batch_size, r.seq_len, r.tokens_per_step) == (4, 32, 128)
   assert 0 < r.real_tokens_per_step <= 128
   assert r.num_params >= r.num_trainable > 0 and r.num_blocks >= 2
@@ -104,6 +119,6 @@ def test_bench_train_on_a_very_small_job():
   assert f"{r.num_params:,} parameters" in report and "peak RSS" in report
 
   out = json.loads(json.dumps(r.to_json(), default=str))
-  assert out["time_ratio"] == r.time_ratio
+  assert out["time_ratio"] == r.time_ratio and out["paired_time_ratio"] == r.paired_time_ratio
   assert set(out["timings"]) == {"blocked", "plain"}
   assert out["timings"]["plain"]["tokens_per_s"] == pytest.approx(128 * plain.steps_per_s)
