@@ -119,7 +119,8 @@ class _Progress:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
-          stop_after_steps: int | None = None, job: job_lib.Job | None = None) -> TrainResult:
+          stop_after_steps: int | None = None, job: job_lib.Job | None = None,
+          tamper: Any = None) -> TrainResult:
   """Runs (or resumes) the fine-tuning job in `workdir`.
 
   Args:
@@ -129,6 +130,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     stop_after_steps: stop (as if killed, after the last checkpoint save) once this
       process has run this many steps; for tests of resume.
     job: a prebuilt job (otherwise built from config).
+    tamper: a dishonest provider's deviations (aftune/attacks.py), for tests and
+      detection experiments; None for an honest run.
 
   Returns:
     The final state and the losses of the steps this process ran.
@@ -158,6 +161,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     logging.info("resumed from checkpoint at step %d", start)
   else:
     params, opt_states = list(job.blocked.trainable), job.init_opt_states()
+    if tamper is not None:
+      params = tamper.initial(params)
     if observer is not None:
       observer.before_checkpoint(0)
     checkpointer.save(0, _checkpoint_items(params, opt_states), {"step": 0})
@@ -199,20 +204,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         break
       indices, batch = job.batch(step)
       step_key = job.step_key(step)
+      opt_cfg = job.opt_cfg
+      if tamper is not None:
+        indices, batch = tamper.batch(step, indices, batch, job)
+        opt_cfg = tamper.opt_cfg(step, opt_cfg)
       if observer is not None and step % b_s == 0:
         observer.step_block_start(step, params, opt_states)
       if config.step_impl == "plain":
-        params, opt_states, loss, g_norm = step_lib.plain_step(specs, job.opt_cfg, params, opt_states,
+        params, opt_states, loss, g_norm = step_lib.plain_step(specs, opt_cfg, params, opt_states,
                                                                frozen, batch, step_key)
       else:
-        params, opt_states, trace = step_lib.blocked_step(specs, job.opt_cfg, params, opt_states,
-                                                          frozen, batch, step_key)
+        new_params, new_opt, trace = step_lib.blocked_step(specs, opt_cfg, params, opt_states,
+                                                           frozen, batch, step_key)
+        if tamper is not None:
+          new_params, new_opt, trace = tamper.after_step(step, params, opt_states, new_params,
+                                                         new_opt, trace)
+        params, opt_states = new_params, new_opt
         loss, g_norm = trace.loss, trace.grad_norm
         if observer is not None:
           observer.after_step(step, indices, batch, step_key, trace)
       pending.append((step, loss, g_norm))
       drain(keep=1)
       step += 1
+      if tamper is not None and step == job.num_steps:
+        params = tamper.final(params)  # e.g. a layer edited after training
       if step % ckpt_every == 0 or step == job.num_steps:
         if observer is not None:
           observer.before_checkpoint(step)

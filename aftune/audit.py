@@ -1,0 +1,147 @@
+"""The client's side of an audit: agree, challenge, verify the openings, write the verdict.
+
+The roles exchange files only:
+  provider -> client:   commitment.json                (signed, after training)
+  client  -> provider:  challenge.json                 (cells, drawn after the root)
+  provider -> verifier: one bundle per challenged cell
+  verifier:             verdict.json + verdict.md
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from aftune import bundle as bundle_lib
+from aftune import challenge as challenge_lib
+from aftune import hashing
+from aftune import integrity
+from aftune import job as job_lib
+from aftune import jobspec
+from aftune import provenance
+from aftune import verifier
+
+VERDICT_FORMAT = "aftune-verdict/v1"
+
+
+def agreed_fields(job: job_lib.Job) -> dict[str, Any]:
+  """What the client agrees to before training: computed from its config, data and base model."""
+  spec = jobspec.build_job_spec(job)
+  return {f: spec[f] for f in verifier.AGREED_FIELDS}
+
+
+def draw(commitment: dict[str, Any], strategy: str, *, m: int | None = None, k: int | None = None,
+         p: float | None = None, nonce: bytes | None = None) -> challenge_lib.Challenge:
+  """A challenge over the committed grid, derived from the root and a client nonce."""
+  g = commitment["grid"]
+  return challenge_lib.draw_challenge(
+      job_id=hashing.from_hex(commitment["job_id"]), root=hashing.from_hex(commitment["merkle_root"]),
+      num_layer_blocks=int(g["num_layer_blocks"]), num_step_blocks=int(g["num_step_blocks"]),
+      strategy=strategy, m=m, k=k, p=p, nonce=nonce)
+
+
+def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str, Any],
+                    challenge: challenge_lib.Challenge | None, agreed: dict[str, Any] | None,
+                    mode: str = "exact", tolerances: dict[str, float] | None = None) -> dict[str, Any]:
+  """Verifies every bundle and assembles the verdict (JSON-able).
+
+  Args:
+    bundle_paths: the provider's bundles.
+    commitment: the client's copy of the signed commitment.
+    challenge: the challenge they answer (challenged cells without a bundle fail).
+    agreed: the agreed job-spec fields, or None.
+    mode: "exact" or "tolerance".
+    tolerances: overrides of verifier.TOLERANCES.
+
+  Returns:
+    The verdict document.
+  """
+  t0 = time.perf_counter()
+  reports = []
+  seen = set()
+  for path in bundle_paths:
+    b = bundle_lib.read_bundle(path)
+    if b.cell in seen:
+      raise verifier.AuditInputError(f"{path}: a second bundle for cell {b.cell}")
+    seen.add(b.cell)
+    reports.append(verifier.verify_bundle(b, commitment=commitment, agreed=agreed,
+                                          challenge=challenge, mode=mode, tolerances=tolerances))
+  missing = []
+  if challenge is not None:
+    missing = sorted(tuple(c) for c in challenge.cells if tuple(c) not in seen)
+  cells = [r.to_json() for r in sorted(reports, key=lambda r: (r.layer_block, r.step_block))]
+  for k, s in missing:
+    cells.append({"layer_block": k, "step_block": s, "passed": False, "check": "opening",
+                  "reason": "the provider did not open this challenged cell", "step": None,
+                  "where": None, "num_checks": 0, "max_rel_err": {}, "auth_s": 0.0, "replay_s": 0.0})
+  verdict = {
+      "format": VERDICT_FORMAT,
+      "job_id": commitment["job_id"],
+      "merkle_root": commitment["merkle_root"],
+      "provider_key": commitment["signature"]["public_key"],
+      "mode": mode,
+      "tolerances": {**verifier.TOLERANCES, **(tolerances or {})} if mode == "tolerance" else None,
+      "passed": bool(cells) and all(c["passed"] for c in cells),
+      "num_cells": len(cells),
+      "num_failed": sum(not c["passed"] for c in cells),
+      "cells": cells,
+      "challenge": challenge.to_json() if challenge is not None else None,
+      "guarantee": challenge.guarantee() if challenge is not None else None,
+      "verify_s": time.perf_counter() - t0,
+      "verifier_environment": provenance.environment_manifest(),
+  }
+  return verdict
+
+
+def render_markdown(verdict: dict[str, Any]) -> str:
+  """The human-readable report of a verdict."""
+  lines = [
+      f"# Audit verdict: {'PASS' if verdict['passed'] else 'FAIL'}",
+      "",
+      f"- job id: `{verdict['job_id']}`",
+      f"- Merkle root: `{verdict['merkle_root']}`",
+      f"- provider key: `{verdict['provider_key']}`",
+      f"- mode: {verdict['mode']}"
+      + ("" if verdict["mode"] == "exact" else f" (thresholds: {verdict['tolerances']})"),
+      f"- cells checked: {verdict['num_cells']}, failed: {verdict['num_failed']}",
+      f"- verification time: {verdict['verify_s']:.2f} s",
+  ]
+  if verdict.get("guarantee"):
+    lines += ["", "## Guarantee of this sample", "", verdict["guarantee"]["text"]]
+  lines += ["", "## Cells", "", "| layer block | step block | result | checks | auth s | replay s | reason |",
+            "|---|---|---|---|---|---|---|"]
+  for c in verdict["cells"]:
+    where = f" (first at step {c['step']})" if c.get("step") is not None else ""
+    reason = (c["reason"] + where).replace("|", "/") if not c["passed"] else ""
+    lines.append(f"| {c['layer_block']} | {c['step_block']} | {'pass' if c['passed'] else 'FAIL: ' + c['check']} "
+                 f"| {c['num_checks']} | {c['auth_s']:.2f} | {c['replay_s']:.2f} | {reason} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_verdict(verdict: dict[str, Any], json_path: str | Path, md_path: str | Path | None) -> None:
+  Path(json_path).write_text(json.dumps(verdict, indent=2, sort_keys=True, default=str) + "\n")
+  if md_path is not None:
+    Path(md_path).write_text(render_markdown(verdict))
+
+
+def load_agreed(path: str | Path) -> dict[str, Any]:
+  path = Path(path)
+  try:
+    doc = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise verifier.AuditInputError(f"{path}: agreed job spec missing") from None
+  except json.JSONDecodeError as e:
+    raise verifier.AuditInputError(f"{path}: not valid JSON ({e})") from None
+  missing = [f for f in verifier.AGREED_FIELDS if f not in doc]
+  if missing:
+    raise verifier.AuditInputError(f"{path}: lacks the agreed fields {missing}")
+  return doc
+
+
+def load_commitment(path: str | Path, public_key: str | None = None) -> dict[str, Any]:
+  try:
+    return integrity.load_commitment(path, public_key)
+  except ValueError as e:
+    raise verifier.AuditInputError(str(e)) from None

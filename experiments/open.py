@@ -1,0 +1,34 @@
+r"""Provider: opens the challenged cells of a recorded run into bundles.
+
+  python -m experiments.open --workdir W --challenge challenge.json --out bundles/
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from aftune import challenge as challenge_lib
+from aftune import opening
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The recorded run.", required=True)
+_CHALLENGE = flags.DEFINE_string("challenge", None, "The client's challenge.json.", required=True)
+_OUT = flags.DEFINE_string("out", "bundles", "Directory for the bundles.")
+
+
+def main(argv):
+  del argv
+  try:
+    ch = challenge_lib.load_challenge(_CHALLENGE.value)
+    provider = opening.Provider(_WORKDIR.value)
+    if ch.job_id != provider.commitment["job_id"] or ch.root != provider.commitment["merkle_root"]:
+      raise ValueError(f"{_CHALLENGE.value}: drawn for another job or root than {_WORKDIR.value}")
+    paths = provider.open_challenge([tuple(c) for c in ch.cells], _OUT.value)
+  except (ValueError, OSError, opening.OpeningError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"opened {len(paths)} cells into {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,62 @@
+r"""Verifier: checks the provider's bundles against the client's commitment and challenge.
+
+  python -m experiments.verify --commitment commitment.json --challenge challenge.json \
+      --bundles bundles/ --agreed agreed.json --out verdict.json
+
+Exit status: 0 every cell passed, 1 some cell failed, 2 the input could not be judged.
+In exact mode the process pins itself to the recorded CPU thread count before JAX starts
+(the thread count changes the bits of CPU matmuls: docs/determinism.md).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from absl import app
+from absl import flags
+
+from aftune import bundle as bundle_lib  # no JAX import: threads are pinned first
+
+_COMMITMENT = flags.DEFINE_string("commitment", None, "The client's commitment.json.", required=True)
+_CHALLENGE = flags.DEFINE_string("challenge", None, "The challenge the bundles answer.")
+_BUNDLES = flags.DEFINE_string("bundles", None, "Directory of bundles.", required=True)
+_AGREED = flags.DEFINE_string("agreed", None, "The agreed job-spec fields (experiments.agree).")
+_MODE = flags.DEFINE_enum("mode", "exact", ["exact", "tolerance"], "Bitwise or thresholds.")
+_PUBLIC_KEY = flags.DEFINE_string("public_key", None, "Expected provider key (hex).")
+_OUT = flags.DEFINE_string("out", "verdict.json", "Verdict JSON; the report goes beside it (.md).")
+
+
+def _pin_threads(paths):
+  threads = bundle_lib.read_bundle(paths[0]).manifest["job_spec"]["environment"].get("cpu_threads")
+  cpus = sorted(os.sched_getaffinity(0))
+  if threads and threads <= len(cpus):
+    os.sched_setaffinity(0, cpus[:threads])
+
+
+def main(argv):
+  del argv
+  try:
+    paths = sorted(Path(_BUNDLES.value).glob("*.bundle"))
+    if not paths:
+      raise ValueError(f"{_BUNDLES.value}: no *.bundle files")
+    if _MODE.value == "exact":
+      _pin_threads(paths)
+    from aftune import audit  # pylint: disable=g-import-not-at-top  (imports JAX)
+    from aftune import challenge as challenge_lib  # pylint: disable=g-import-not-at-top
+    commitment = audit.load_commitment(_COMMITMENT.value, _PUBLIC_KEY.value)
+    ch = challenge_lib.load_challenge(_CHALLENGE.value) if _CHALLENGE.value else None
+    agreed = audit.load_agreed(_AGREED.value) if _AGREED.value else None
+    verdict = audit.verify_openings(paths, commitment=commitment, challenge=ch, agreed=agreed,
+                                    mode=_MODE.value)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  md = Path(_OUT.value).with_suffix(".md")
+  audit.write_verdict(verdict, _OUT.value, md)
+  print(audit.render_markdown(verdict))
+  print(f"verdict: {_OUT.value}, report: {md}")
+  sys.exit(0 if verdict["passed"] else 1)
+
+
+if __name__ == "__main__":
+  app.run(main)
