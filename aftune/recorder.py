@@ -90,7 +90,9 @@ class Recorder:
                                    resume_at=self.grid.offset(start_step) if resume else 0)
     if self.writer.size == 0:
       self.writer.append(trace.Leaf("job_spec", -1, -1, self.job_id))
-    self.timings = {"hash_s": 0.0, "write_s": 0.0, "wait_s": 0.0}
+    # hash_s/write_s: the worker's own work; fetch_s: the worker waiting for the device;
+    # wait_s: the training thread waiting for the worker (backpressure and flushes).
+    self.timings = {"hash_s": 0.0, "write_s": 0.0, "fetch_s": 0.0, "wait_s": 0.0}
     self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
     self._error: BaseException | None = None
     self._thread = threading.Thread(target=self._work, name="aftune-recorder", daemon=True)
@@ -157,7 +159,10 @@ class Recorder:
     self.writer.append(trace.Leaf(kind, step, block, payload))
 
   def _record_state(self, step: int, params: list[PyTree], opt_states: list[PyTree]) -> None:
+    t_wait = time.perf_counter()
+    params, opt_states = jax.device_get((params, opt_states))
     t0 = time.perf_counter()
+    self.timings["fetch_s"] += t0 - t_wait
     params_h = [hashing.hash_pytree(p) for p in params]
     opt_h = [hashing.hash_pytree(o) for o in opt_states]
     self.timings["hash_s"] += time.perf_counter() - t0
@@ -168,11 +173,13 @@ class Recorder:
 
   def _record_step(self, step: int, indices: np.ndarray, batch: dict, step_key: jax.Array,
                    tr: Any) -> None:
+    t_wait = time.perf_counter()
+    # Blocks until the step has been computed: waiting, not recording work.
+    fwd, bwd, partials, loss, g_norm, batch = jax.device_get(
+        (tr.fwd_out, tr.bwd_in, tr.sq_norm_partials, tr.loss, tr.grad_norm, dict(batch)))
     t0 = time.perf_counter()
-    fwd = jax.device_get(tr.fwd_out)
-    bwd = jax.device_get(tr.bwd_in)
-    partials = jax.device_get(tr.sq_norm_partials)
-    loss, g_norm = np.asarray(jax.device_get(tr.loss)), np.asarray(jax.device_get(tr.grad_norm))
+    self.timings["fetch_s"] += t0 - t_wait
+    loss, g_norm = np.asarray(loss), np.asarray(g_norm)
     indices = np.asarray(indices, np.int64)
     globals_h = {
         "indices": hashing.hash_array(indices),
