@@ -178,9 +178,11 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   widths = [max(len(r[j]) for r in cells) for j in range(len(header))]
 
   def line(r):
-    return "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+    return "  ".join(c.ljust(w) if j == 0 else c.rjust(w)
+                     for j, (c, w) in enumerate(zip(r, widths)))
 
-  return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+  rule = "  ".join("-" * w for w in widths)
+  return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
 # ---------------------------------------------------------------- the training benchmark
@@ -282,21 +284,24 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: i
 
   timings = time_interleaved({"blocked": blocked, "plain": plain}, steps=steps, warmup=warmup,
                              round_steps=round_steps,
-                             on_warmup_done=lambda n: rss_stages.update({f"{n} warmup": peak_rss_bytes()}))
+                             on_warmup_done=lambda n: rss_stages.update(
+                                 {f"{n} warmup": peak_rss_bytes()}))
   loss_b = np.asarray(jax.device_get(losses["blocked"]))
   loss_p = np.asarray(jax.device_get(losses["plain"]))
   params0 = job.blocked.trainable
   n_trainable = sum(job_lib.count_params(p) for p in params0)
+  n_frozen = sum(job_lib.count_params(f) for f in frozen)
   real = [float(np.asarray(b["attn_mask"]).sum()) for b in batches[warmup:]]
   return TrainBench(
-      config_name=config_name, num_params=n_trainable + sum(job_lib.count_params(f) for f in frozen),
+      config_name=config_name, num_params=n_trainable + n_frozen,
       num_trainable=n_trainable, num_blocks=job.blocked.num_blocks,
       batch_size=int(batches[0]["tokens"].shape[0]), seq_len=int(batches[0]["tokens"].shape[1]),
       real_tokens_per_step=float(np.mean(real)), warmup=warmup, round_steps=round_steps,
       timings=timings, final_loss={"blocked": float(loss_b[-1]), "plain": float(loss_p[-1])},
       max_abs_loss_diff=float(np.max(np.abs(loss_b - loss_p))),
       losses_bitwise_equal=loss_b.tobytes() == loss_p.tobytes(),
-      peak_rss_bytes=peak_rss_bytes(), rss_stages=rss_stages, environment=provenance.environment_manifest())
+      peak_rss_bytes=peak_rss_bytes(), rss_stages=rss_stages,
+      environment=provenance.environment_manifest())
 
 
 def format_train_bench(r: TrainBench) -> str:
@@ -311,7 +316,8 @@ def format_train_bench(r: TrainBench) -> str:
   agree = ("bitwise equal" if r.losses_bitwise_equal else f"max |diff| {r.max_abs_loss_diff:.3g}")
   return "\n".join([
       f"config           {r.config_name or '(unnamed)'}",
-      f"backend          {env['backend']} ({env['device_kind']}), {env['cpu_threads']} CPU threads, "
+      f"backend          {env['backend']} ({env['device_kind']}), "
+      f"{env['cpu_threads']} CPU threads, "
       f"jax {env['packages']['jax']}",
       f"model            {r.num_params:,} parameters ({r.num_params / 1e6:.1f}M), "
       f"{r.num_trainable:,} trainable, {r.num_blocks} layer blocks",
@@ -324,7 +330,7 @@ def format_train_bench(r: TrainBench) -> str:
       "",
       f"ratio blocked/plain  time per step {r.time_ratio:.3f}x   steps/s {r.steps_per_s_ratio:.3f}x"
       "   (ratio of medians)",
-      f"                     time per step {r.paired_time_ratio:.3f}x   (median of per-round ratios)",
+      f"{'':21s}time per step {r.paired_time_ratio:.3f}x   (median of per-round ratios)",
       f"loss after {r.warmup + steps} steps  blocked {r.final_loss['blocked']:.6f}  "
       f"plain {r.final_loss['plain']:.6f}  (per-step losses: {agree})",
       f"peak RSS         {fmt_bytes(r.peak_rss_bytes)}  (peak after "

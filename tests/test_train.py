@@ -47,7 +47,7 @@ def test_run_writes_workdir_files_and_loss_falls(tmp_path):
 
 @pytest.mark.parametrize("step_impl", ["blocked", "plain"])
 def test_resume_equals_uninterrupted(tmp_path, step_impl):
-  c = small_config(step_impl=step_impl)
+  c = small_config(step_impl=step_impl, record=step_impl == "blocked")
   full = train.train(c, tmp_path / "full")
   first = train.train(c, tmp_path / "killed", stop_after_steps=6)  # last checkpoint: step 4
   assert first.step == 6
