@@ -94,6 +94,39 @@ class Provider:
       raise OpeningError(f"{self.workdir}: {what} ({kind}, step {step}, block {block}) does not "
                          "match its committed hash; refusing to open it")
 
+  def _replay_block(self, k: int, t0: int, t_end: int) -> dict | None:
+    """Block k's state at t0 and t_end by replaying block k alone from the nearest
+    checkpoint, driven by the stored boundaries and the committed grad norms.
+
+    Returns None when a boundary it needs was not stored (I_A > 1): then only a replay
+    of the whole model can regenerate the state.
+    """
+    g = self.grid
+    if not g.stores_boundary(k) or (k > 0 and not g.stores_boundary(k - 1)):
+      return None
+    start = max(s for s in self.checkpointer.all_steps() if s <= t0)
+    (p,), (o,) = train.restore_state(self.checkpointer, start, self.job, [k])
+    spec, frozen = self.job.blocked.specs[k], self.job.blocked.frozen[k]
+    last = k == g.num_layer_blocks - 1
+    states = {}
+    for t in range(start, t_end + 1):
+      if g.is_state_step(t):
+        self._check("params", t, k, hashing.hash_pytree(p), "regenerated state")
+        self._check("opt_state", t, k, hashing.hash_pytree(o), "regenerated state")
+      if t in (t0, t_end):
+        states[t] = (p, o)
+      if t == t_end:
+        break
+      fwd = tensorfile.read(recorder.step_file(self.workdir, t, "fwd"))
+      _, batch = self.job.batch(t)
+      x_in = batch["tokens"] if k == 0 else fwd[f"fwd_out/{k - 1}"]
+      y, vjp = step_lib.block_fwd(spec, p, frozen, x_in, batch, self.job.step_key(t))
+      ct = step_lib.loss_seed(y) if last else tensorfile.read(
+          recorder.step_file(self.workdir, t, "bwd"))[f"bwd_in/{k}"]
+      grads, _ = step_lib.block_bwd(vjp, ct)
+      p, o = step_lib.block_update(self.job.opt_cfg, p, o, grads, fwd["grad_norm"])
+    return states
+
   def _replay(self, k: int, t0: int, t_end: int) -> tuple[dict, dict]:
     """Replays the whole model from the nearest checkpoint <= t0 through t_end."""
     start = max(s for s in self.checkpointer.all_steps() if s <= t0)
@@ -132,13 +165,16 @@ class Provider:
     t0, t_end = steps.start, steps.stop
     ckpts = set(self.checkpointer.all_steps())
     need = [k] + ([k - 1] if k > 0 else [])
-    replay = t0 not in ckpts or t_end not in ckpts or not all(g.stores_boundary(j) for j in need)
-    if replay:
-      states, traces = self._replay(k, t0, t_end)
-    else:
+    traces: dict = {}
+    if t0 in ckpts and t_end in ckpts:
       states = {t: tuple(x[0] for x in train.restore_state(self.checkpointer, t, self.job, [k]))
                 for t in (t0, t_end)}
-      traces = {}
+    else:
+      states = self._replay_block(k, t0, t_end)
+    replay = states is None or not all(g.stores_boundary(j) for j in need)
+    if replay:
+      states, traces = self._replay(k, t0, t_end)
+    regenerated = "model" if replay else ("block" if not (t0 in ckpts and t_end in ckpts) else "")
 
     tensors: dict[str, np.ndarray] = {}
     leaves = [self.leaf_entry("job_spec", -1, -1)]
@@ -192,7 +228,9 @@ class Provider:
         "frozen_prefix": "frozen",
         "model_digests": self.model_digests(),
         "example_proofs": examples,
-        "regenerated": bool(replay),
+        # "": read from storage; "block": state replayed from a checkpoint with block k
+        # alone; "model": the whole model replayed (boundaries not stored, I_A > 1).
+        "regenerated": regenerated,
     }
     return bundle_lib.Bundle(manifest, tensors)
 
