@@ -287,6 +287,26 @@ def _authenticate(bundle, commitment, agreed, challenge, grid, chk: _Checks) -> 
     want = _leaf(leaves, e["kind"], e["step"], e["block"], chk)
     chk.require(hashing.hash_leaf_digests(items) == want, "opening",
                 f"{e['prefix']} does not match its committed hash", e["step"])
+  # The verifier, not the provider's manifest, decides what the cell reveals: every tensor
+  # the replay reads must be listed above under its own leaf (so it was checked against it).
+  steps = list(grid.step_block_range(s))
+  need = [k] + ([k - 1] if k > 0 else [])
+  listed = {e["name"]: (e["kind"], e["step"], e["block"]) for e in m["tensors"]}
+  for t in steps:
+    keys = [("indices", t, -1), ("loss", t, -1), ("grad_norm", t, -1)]
+    keys += [("sq_norms", t, j) for j in range(grid.num_layer_blocks)]
+    keys += [(kind, t, j) for j in need for kind in ("fwd_out", "bwd_in")]
+    for kind, _, j in keys:
+      name = f"step/{t}/{kind}" + (f"/{j}" if j >= 0 else "")
+      chk.require(listed.get(name) == (kind, t, j), "opening",
+                  f"the bundle does not reveal {name} as the committed leaf ({kind}, step {t}, "
+                  f"block {j})", t)
+  trees = {e["prefix"]: (e["kind"], e["step"], e["block"]) for e in m["trees"]}
+  for label, t in (("start", steps[0]), ("end", steps[-1] + 1)):
+    for kind in trace.STATE_KINDS:
+      chk.require(trees.get(f"state/{label}/{kind}") == (kind, t, k), "opening",
+                  f"the bundle does not reveal state/{label}/{kind} as the committed leaf "
+                  f"({kind}, step {t}, block {k})", t)
 
 
 def _check_against_base_model(m, spec, k, frozen, start_params, chk: _Checks) -> None:

@@ -7,7 +7,6 @@ attack touches must be rejected with the right check at the right first step, an
 every other cell must pass (the verifier does not just fail everything).
 """
 
-import dataclasses
 import json
 import shutil
 
@@ -20,6 +19,8 @@ from aftune import challenge as challenge_lib
 from aftune import hashing
 from aftune import integrity
 from aftune import opening
+from aftune import recorder
+from aftune import tensorfile
 from aftune import trace
 from aftune import train
 from aftune import verifier
@@ -66,6 +67,11 @@ def honest_bundles(honest):
 
 def commitment_of(workdir):
   return json.loads((workdir / "commitment.json").read_text())
+
+
+def agreed_of(workdir):
+  spec = json.loads((workdir / "trace" / "job_spec.json").read_text())
+  return {f: spec[f] for f in verifier.AGREED_FIELDS}
 
 
 def audit(workdir, agreed, tamper=None, *, strict=True, cells=ALL, **kw):
@@ -119,7 +125,7 @@ def test_honest_sparse_storage_is_regenerated_and_passes(run, agreed):
   workdir = run("honest_sparse", **SPARSE)  # checkpoints at 0, 4, 8; boundaries of blocks 0, 2
   provider = opening.Provider(workdir)
   commitment = commitment_of(workdir)
-  for k, s in ALL:
+  for k, s in [(0, 0), (1, 1), (2, 2), (0, 3), (1, 2), (2, 1)]:  # every row and column
     b = provider.open_cell(k, s)
     # every step block has a start or end state (2 or 6) between checkpoints
     assert b.manifest["regenerated"], (k, s)
@@ -149,13 +155,18 @@ def test_skipped_step_in_mid_block_is_caught_at_the_next_step(run, agreed):
                 {(0, 1): ("fwd_out", 3), (1, 1): ("fwd_out", 3), (2, 1): ("loss", 3)})
 
 
-def test_skipped_step_is_caught_when_the_provider_regenerates(run, agreed):
+def test_skipped_step_is_caught_when_the_provider_regenerates(run):
   tamper = attacks.SkippedStep(3)
   workdir = run("skip_sparse", tamper, **{"audit.checkpoint_interval": 2})  # ckpts 0, 4, 8
   with pytest.raises(opening.OpeningError, match="does not match its committed hash"):
     opening.Provider(workdir).open_cell(0, 1)  # an honest replay cannot reproduce it
-  reports = audit(workdir, agreed, tamper, cells=[(0, 1), (2, 1), (1, 3)])
-  assert all(reports[c].passed is False for c in [(0, 1), (2, 1)])
+  provider = attacks.DishonestProvider(workdir, tamper)  # replays its own deviation
+  commitment, agreed = commitment_of(workdir), agreed_of(workdir)
+  reports = {}
+  for cell in [(0, 1), (2, 1), (1, 0), (1, 3)]:
+    b = provider.open_cell(*cell)
+    assert b.manifest["regenerated"]
+    reports[cell] = verifier.verify_bundle(b, commitment=commitment, agreed=agreed)
   assert_caught(reports, {(0, 1): ("params", 3), (2, 1): ("params", 3)})
 
 
@@ -221,6 +232,7 @@ def test_swapped_final_layers_are_caught(run, agreed):
 
 
 @pytest.mark.parametrize("block,caught", [
+    (0, {(0, 2): ("fwd_out", 5), (1, 2): ("fwd_out", 5)}),  # the first block's output
     (1, {(1, 2): ("fwd_out", 5), (2, 2): ("loss", 5)}),  # the middle block's output
     (2, {(2, 2): ("loss", 5)}),  # the loss itself
 ])
@@ -236,6 +248,25 @@ def test_forged_forward_boundary_is_caught(run, agreed, block, caught):
 def test_forged_backward_boundary_is_caught(run, agreed, block, caught):
   workdir = run(f"bwd{block}", attacks.ForgedBackward(step=5, block=block))
   assert_caught(audit(workdir, agreed), caught)
+
+
+TOLERANCE_CASES = {
+    "skip_end": (attacks.SkippedStep(3), every_block(1, "params", 3)),
+    "lr": (attacks.LearningRate(5, factor=10.0), every_block(2, "params", 5)),
+    "fwd1": (attacks.ForgedForward(step=5, block=1), {(1, 2): ("fwd_out", 5), (2, 2): ("loss", 5)}),
+    "bwd1": (attacks.ForgedBackward(step=5, block=1), {(1, 2): ("bwd_in", 5), (2, 2): ("bwd_in", 5)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOLERANCE_CASES))
+def test_attacks_are_caught_in_tolerance_mode_too(run, agreed, name):
+  tamper, caught = TOLERANCE_CASES[name]
+  cells = sorted(set(caught) | {(0, 0), (1, 1), (2, 3)})
+  reports = audit(run(name, tamper), agreed, tamper, cells=cells, mode="tolerance")
+  assert_caught(reports, caught)
+  for cell in caught:
+    kind = reports[cell].check
+    assert reports[cell].max_rel_err[kind] > verifier.TOLERANCES[kind]
 
 
 # ---- forged records and openings -------------------------------------------------------
@@ -301,6 +332,48 @@ def test_commitment_resigned_after_the_challenge_is_caught(honest, agreed, tmp_p
     assert (rep.passed, rep.check) == (False, "commitment"), rep.reason
     rep = verifier.verify_bundle(b, commitment=new, agreed=agreed, challenge=ch)
     assert (rep.passed, rep.check) == (False, "challenge"), rep.reason
+
+
+def _without_entries(b, names=(), prefixes=()):
+  b = attacks._copy(b)
+  b.manifest["tensors"] = [e for e in b.manifest["tensors"] if e["name"] not in names]
+  b.manifest["trees"] = [e for e in b.manifest["trees"] if e["prefix"] not in prefixes]
+  return b
+
+
+@pytest.mark.parametrize("how", ["unlisted", "relabeled"])
+def test_input_activation_must_match_its_commitment(run, honest, agreed, how):
+  """Block 1 consumed an input that is not the committed fwd_out[0] (here: the committed one
+  is forged). Revealing the real input without listing it (or listed as another leaf)
+  must not let cell (1, 2) pass."""
+  workdir = run("fwd0", attacks.ForgedForward(step=5, block=0))
+  b = attacks.DishonestProvider(workdir).open_cell(1, 2)
+  name = "step/5/fwd_out/0"
+  if how == "unlisted":
+    real = tensorfile.read(recorder.step_file(honest, 5, "fwd"))["fwd_out/0"]
+    cheat = _without_entries(b, names=[name])
+  else:  # listed as the (honest, committed) step-4 activation: a valid leaf, wrong place
+    cheat = attacks._copy(b)
+    real = cheat.tensors["step/4/fwd_out/0"]
+    entry = next(e for e in cheat.manifest["tensors"] if e["name"] == name)
+    entry["step"] = 4
+  cheat.tensors[name] = np.array(real)
+  rep = verifier.verify_bundle(cheat, commitment=commitment_of(workdir), agreed=agreed)
+  assert (rep.passed, rep.check, rep.step) == (False, "opening", 5), (rep.check, rep.reason)
+
+
+@pytest.mark.parametrize("mode", ["exact", "tolerance"])
+def test_unlisted_end_state_cannot_hide_an_update(run, honest_bundles, agreed, mode):
+  """LR x10 at step 5: the provider reveals the honest end state of cell (1, 2) instead of
+  the committed one, and drops the end-state entries from the manifest."""
+  workdir = run("lr", attacks.LearningRate(5, factor=10.0))
+  cheat = _without_entries(attacks.DishonestProvider(workdir).open_cell(1, 2),
+                           prefixes=["state/end/params", "state/end/opt_state"])
+  for name, arr in honest_bundles[(1, 2)].tensors.items():
+    if name.startswith("state/end/"):
+      cheat.tensors[name] = arr
+  rep = verifier.verify_bundle(cheat, commitment=commitment_of(workdir), agreed=agreed, mode=mode)
+  assert (rep.passed, rep.check, rep.step) == (False, "opening", 6), (rep.check, rep.reason)
 
 
 # ---- bad input -------------------------------------------------------------------------
