@@ -240,6 +240,37 @@ class Attention(nnx.Module):
     b, t = x_BxTxD.shape[:2]
     return self.o_proj(out_BxTxHxK.reshape(b, t, -1))
 
+  # Cached decoding (aftune.generate). The training path above is left untouched; these
+  # methods reuse `qkv` and `attention`, so the math per position is the same.
+
+  def prefill(self, x_BxTxD: Array, positions_BxT: Array, mask_BxTxT: Array,
+              max_len: int) -> tuple[Array, dict[str, Array]]:
+    """Attention over a (left-padded) prompt, plus its KV cache.
+
+    Returns:
+      (output [B,T,D], {"k", "v": [B, max_len, G, K]}) where slots 0..T-1 hold the
+      prompt's rotated keys and values and slots T.. are zero (compute dtype).
+    """
+    q, k, v = self.qkv(x_BxTxD, positions_BxT)
+    out_BxTxHxK = attention(q, k, v, mask_BxTxT)
+    b, t = x_BxTxD.shape[:2]
+    if max_len < t:
+      raise ValueError(f"KV cache length {max_len} is shorter than the prompt ({t})")
+    pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
+    cache = {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}
+    return self.o_proj(out_BxTxHxK.reshape(b, t, -1)), cache
+
+  def decode(self, x_Bx1xD: Array, positions_Bx1: Array, cache: Mapping[str, Array], slot: Array,
+             kv_mask_BxS: Array) -> tuple[Array, dict[str, Array]]:
+    """One new position per sequence: writes its k/v at cache slot `slot`, then
+    attends to every slot that `kv_mask_BxS` marks valid (which must include `slot`)."""
+    q, k, v = self.qkv(x_Bx1xD, positions_Bx1)
+    ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), slot, axis=1)
+    cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), slot, axis=1)
+    out_Bx1xHxK = attention(q, ck, cv, kv_mask_BxS.astype(bool)[:, None, :])
+    b = x_Bx1xD.shape[0]
+    return self.o_proj(out_Bx1xHxK.reshape(b, 1, -1)), {"k": ck, "v": cv}
+
 
 class MLP(nnx.Module):
 
@@ -287,6 +318,26 @@ class DecoderLayer(nnx.Module):
     x_BxTxD = x_BxTxD + dropout(h, self.dropout_rate, k1)
     h = self.mlp(self.post_attention_layernorm(x_BxTxD))
     return x_BxTxD + dropout(h, self.dropout_rate, k2)
+
+  # Cached decoding (inference: no dropout). Same residual structure as `__call__`.
+
+  def prefill(self, x_BxTxD: Array, ctx: Mapping[str, Any],
+              max_len: int) -> tuple[Array, dict[str, Array]]:
+    """The layer over a padded prompt (ctx: positions, attn_mask [B,T]) and its KV cache."""
+    h, cache = self.self_attn.prefill(self.input_layernorm(x_BxTxD), ctx["positions"],
+                                      causal_mask(ctx["attn_mask"]), max_len)
+    x_BxTxD = x_BxTxD + h
+    h = self.mlp(self.post_attention_layernorm(x_BxTxD))
+    return x_BxTxD + h, cache
+
+  def decode(self, x_Bx1xD: Array, ctx: Mapping[str, Any],
+             cache: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """One new position per sequence (ctx: positions [B,1], slot [], kv_mask [B,S])."""
+    h, cache = self.self_attn.decode(self.input_layernorm(x_Bx1xD), ctx["positions"], cache,
+                                     ctx["slot"], ctx["kv_mask"])
+    x_Bx1xD = x_Bx1xD + h
+    h = self.mlp(self.post_attention_layernorm(x_Bx1xD))
+    return x_Bx1xD + h, cache
 
 
 class FinalNorm(nnx.Module):
