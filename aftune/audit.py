@@ -17,10 +17,13 @@ from typing import Any, Sequence
 from aftune import bundle as bundle_lib
 from aftune import challenge as challenge_lib
 from aftune import hashing
-from aftune import integrity
+from aftune import inference
+from aftune import inference_audit
 from aftune import job as job_lib
 from aftune import jobspec
 from aftune import provenance
+from aftune import recorder
+from aftune import signing
 from aftune import verifier
 
 VERDICT_FORMAT = "aftune-verdict/v1"
@@ -44,16 +47,18 @@ def draw(commitment: dict[str, Any], strategy: str, *, m: int | None = None, k: 
 
 def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str, Any],
                     challenge: challenge_lib.Challenge | None, agreed: dict[str, Any] | None,
-                    mode: str = "exact", tolerances: dict[str, float] | None = None) -> dict[str, Any]:
-  """Verifies every bundle and assembles the verdict (JSON-able).
+                    mode: str = "exact", tolerances: dict[str, float] | None = None,
+                    expected_model_hash: str | None = None) -> dict[str, Any]:
+  """Verifies every bundle (training or inference cells) and assembles the verdict.
 
   Args:
     bundle_paths: the provider's bundles.
-    commitment: the client's copy of the signed commitment.
+    commitment: the client's copy of the signed commitment (training or inference).
     challenge: the challenge they answer (challenged cells without a bundle fail).
-    agreed: the agreed job-spec fields, or None.
+    agreed: the agreed job-spec fields, or None (training).
     mode: "exact" or "tolerance".
     tolerances: overrides of verifier.TOLERANCES.
+    expected_model_hash: inference: the model the client was promised, or None.
 
   Returns:
     The verdict document.
@@ -66,8 +71,13 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
     if b.cell in seen:
       raise verifier.AuditInputError(f"{path}: a second bundle for cell {b.cell}")
     seen.add(b.cell)
-    reports.append(verifier.verify_bundle(b, commitment=commitment, agreed=agreed,
-                                          challenge=challenge, mode=mode, tolerances=tolerances))
+    if b.is_inference:
+      reports.append(inference_audit.verify_inference_bundle(
+          b, commitment=commitment, expected_model_hash=expected_model_hash, challenge=challenge,
+          mode=mode, tolerances=tolerances))
+    else:
+      reports.append(verifier.verify_bundle(b, commitment=commitment, agreed=agreed,
+                                            challenge=challenge, mode=mode, tolerances=tolerances))
   missing = []
   if challenge is not None:
     missing = sorted(tuple(c) for c in challenge.cells if tuple(c) not in seen)
@@ -81,6 +91,8 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
       "job_id": commitment["job_id"],
       "merkle_root": commitment["merkle_root"],
       "provider_key": commitment["signature"]["public_key"],
+      "kind": "inference" if commitment.get("format") == inference.COMMITMENT_FORMAT else "training",
+      "expected_model_hash": expected_model_hash,
       "mode": mode,
       "tolerances": {**verifier.TOLERANCES, **(tolerances or {})} if mode == "tolerance" else None,
       "passed": bool(cells) and all(c["passed"] for c in cells),
@@ -100,7 +112,7 @@ def render_markdown(verdict: dict[str, Any]) -> str:
   lines = [
       f"# Audit verdict: {'PASS' if verdict['passed'] else 'FAIL'}",
       "",
-      f"- job id: `{verdict['job_id']}`",
+      f"- {'served batch' if verdict.get('kind') == 'inference' else 'job'} id: `{verdict['job_id']}`",
       f"- Merkle root: `{verdict['merkle_root']}`",
       f"- provider key: `{verdict['provider_key']}`",
       f"- mode: {verdict['mode']}"
@@ -141,7 +153,15 @@ def load_agreed(path: str | Path) -> dict[str, Any]:
 
 
 def load_commitment(path: str | Path, public_key: str | None = None) -> dict[str, Any]:
+  """A signed training or inference commitment (signature checked, key pinned if given)."""
+  path = Path(path)
   try:
-    return integrity.load_commitment(path, public_key)
+    doc = signing.load_json_document(path)
+    signing.verify_document(doc, public_key)
+  except FileNotFoundError:
+    raise verifier.AuditInputError(f"{path}: commitment missing") from None
   except ValueError as e:
-    raise verifier.AuditInputError(str(e)) from None
+    raise verifier.AuditInputError(f"{path}: {e}") from None
+  if doc.get("format") not in (recorder.COMMITMENT_FORMAT, inference.COMMITMENT_FORMAT):
+    raise verifier.AuditInputError(f"{path}: not a commitment (format {doc.get('format')!r})")
+  return doc

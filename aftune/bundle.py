@@ -24,6 +24,11 @@ import numpy as np
 from aftune import tensorfile
 
 FORMAT = "aftune-bundle/v1"
+INFERENCE_FORMAT = "aftune-inference-bundle/v1"  # aftune/inference_audit.py
+_REQUIRED = {
+    FORMAT: ("cell", "commitment", "job_spec", "leaves", "steps", "model_digests"),
+    INFERENCE_FORMAT: ("cell", "commitment", "spec", "leaves", "model_digests"),
+}
 _META_KEY = "aftune_bundle"
 
 
@@ -35,6 +40,10 @@ class BundleError(ValueError):
 class Bundle:
   manifest: dict[str, Any]
   tensors: dict[str, np.ndarray]
+
+  @property
+  def is_inference(self) -> bool:
+    return self.manifest["format"] == INFERENCE_FORMAT
 
   @property
   def cell(self) -> tuple[int, int]:
@@ -64,9 +73,10 @@ def read_bundle(path: str | Path) -> Bundle:
     manifest = json.loads(meta[_META_KEY])
   except json.JSONDecodeError as e:
     raise BundleError(f"{path}: manifest is not valid JSON ({e})") from None
-  if manifest.get("format") != FORMAT:
-    raise BundleError(f"{path}: format {manifest.get('format')!r}, this verifier reads {FORMAT}")
-  for field in ("cell", "commitment", "job_spec", "leaves", "steps", "model_digests"):
+  if manifest.get("format") not in _REQUIRED:
+    raise BundleError(f"{path}: format {manifest.get('format')!r}, this verifier reads "
+                      f"{sorted(_REQUIRED)}")
+  for field in _REQUIRED[manifest["format"]]:
     if field not in manifest:
       raise BundleError(f"{path}: manifest has no {field!r}")
   return Bundle(manifest, tensors)

@@ -21,7 +21,7 @@ import dataclasses
 import os
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from aftune import merkle
 
@@ -29,7 +29,9 @@ JOB_KINDS = ("job_spec",)
 STATE_KINDS = ("params", "opt_state")
 GLOBAL_KINDS = ("indices", "batch", "step_key", "loss", "grad_norm")
 BLOCK_KINDS = ("fwd_out", "bwd_in", "sq_norms")
-KINDS = JOB_KINDS + STATE_KINDS + GLOBAL_KINDS + BLOCK_KINDS
+# Inference records (aftune/inference.py): appended, so training kind ids never change.
+INFERENCE_KINDS = ("inf_spec", "tokens", "sample_key", "inf_out")
+KINDS = JOB_KINDS + STATE_KINDS + GLOBAL_KINDS + BLOCK_KINDS + INFERENCE_KINDS
 _KIND_ID = {k: i for i, k in enumerate(KINDS)}
 
 RECORD = struct.Struct("<Bqq32s")
@@ -174,12 +176,13 @@ def _unpack(path: Path, index: int, raw: bytes) -> Leaf:
   return Leaf(KINDS[kind_id], step, block, payload)
 
 
-def read_leaves(path: Path, grid: Grid, *, allow_partial: bool = False) -> list[Leaf]:
+def read_leaves(path: Path, grid: Any, *, allow_partial: bool = False) -> list[Leaf]:
   """Reads and validates leaf records: each must sit where the grid says.
 
   Args:
     path: trace/leaves.bin.
-    grid: the run's grid.
+    grid: the layout: a training `Grid` or an `inference.InferenceGrid` (anything
+      with `num_leaves` and `key_at`).
     allow_partial: accept fewer than grid.num_leaves records (a run in progress;
       a torn last record is dropped).
 
@@ -199,7 +202,8 @@ def read_leaves(path: Path, grid: Grid, *, allow_partial: bool = False) -> list[
   if n > grid.num_leaves:
     raise TraceError(f"{path}: holds {n} records, more than the grid's {grid.num_leaves}")
   leaves = []
-  for i, key in enumerate(grid.keys(0, n)):
+  for i in range(n):
+    key = grid.key_at(i)
     leaf = _unpack(path, i, data[i * RECORD.size:(i + 1) * RECORD.size])
     if (leaf.kind, leaf.step, leaf.block) != key:
       raise TraceError(f"{path}: record {i} is {(leaf.kind, leaf.step, leaf.block)}, expected {key}")
@@ -210,7 +214,7 @@ def read_leaves(path: Path, grid: Grid, *, allow_partial: bool = False) -> list[
 class LeafWriter:
   """Appends leaf records and keeps the streaming Merkle root; resumable at a leaf count."""
 
-  def __init__(self, path: Path, grid: Grid, resume_at: int = 0):
+  def __init__(self, path: Path, grid: Any, resume_at: int = 0):
     self.path, self.grid = Path(path), grid
     self.tree = merkle.StreamingMerkle()
     self.leaf_hashes: list[bytes] = []

@@ -88,7 +88,7 @@ class CellReport:
     return dataclasses.asdict(self)
 
 
-class _Checks:
+class Checks:
   """Counts checks and raises Mismatch on the first failure."""
 
   def __init__(self, mode: str, tolerances: dict[str, float]):
@@ -119,7 +119,7 @@ def rel_err(a: Any, b: Any) -> float:
   return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12)) if b.size else 0.0
 
 
-def _unflatten(abstract: PyTree, tensors: dict[str, np.ndarray], prefix: str, chk: _Checks) -> PyTree:
+def unflatten(abstract: PyTree, tensors: dict[str, np.ndarray], prefix: str, chk: Checks) -> PyTree:
   leaves = []
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   for path, leaf in flat:
@@ -173,7 +173,7 @@ def verify_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, Any],
   """
   if mode not in ("exact", "tolerance"):
     raise AuditInputError(f"mode must be exact or tolerance, got {mode!r}")
-  chk = _Checks(mode, {**TOLERANCES, **(tolerances or {})})
+  chk = Checks(mode, {**TOLERANCES, **(tolerances or {})})
   k, s = bundle.cell
   t_auth = time.perf_counter()
   m = bundle.manifest
@@ -205,9 +205,9 @@ def verify_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, Any],
                 "the model config and the grid disagree on the number of layer blocks")
     opt_abs = jax.eval_shape(lambda p: optim.init_opt_state(opt_cfg, p), t_abs)
     T = bundle.tensors
-    params = _unflatten(t_abs, T, "state/start/params", chk)
-    opt_state = _unflatten(opt_abs, T, "state/start/opt_state", chk)
-    frozen = _unflatten(f_abs, T, "frozen", chk)
+    params = unflatten(t_abs, T, "state/start/params", chk)
+    opt_state = unflatten(opt_abs, T, "state/start/opt_state", chk)
+    frozen = unflatten(f_abs, T, "frozen", chk)
     leaves = {(e["kind"], e["step"], e["block"]): bytes.fromhex(e["payload"]) for e in m["leaves"]}
     committed = lambda kind, t, j=-1: _leaf(leaves, kind, t, j, chk)
     for kind, tree in (("params", params), ("opt_state", opt_state)):
@@ -237,7 +237,7 @@ def _leaf(leaves, kind, t, j, chk) -> bytes:
   return payload
 
 
-def _authenticate(bundle, commitment, agreed, challenge, grid, chk: _Checks) -> None:
+def _authenticate(bundle, commitment, agreed, challenge, grid, chk: Checks) -> None:
   m = bundle.manifest
   k, s = bundle.cell
   try:
@@ -312,7 +312,7 @@ def _authenticate(bundle, commitment, agreed, challenge, grid, chk: _Checks) -> 
                   f"({kind}, step {t}, block {k})", t)
 
 
-def _check_against_base_model(m, spec, k, frozen, start_params, chk: _Checks) -> None:
+def _check_against_base_model(m, spec, k, frozen, start_params, chk: Checks) -> None:
   """Frozen (and step-0) parameters are the agreed base model's, via its leaf digests."""
   digests = {tuple(c): bytes.fromhex(d) for c, d in m["model_digests"]}
   items = [(c, d) for c, d in digests.items()]
@@ -327,7 +327,7 @@ def _check_against_base_model(m, spec, k, frozen, start_params, chk: _Checks) ->
                   "model's", where=[hashing.path_str(comps)])
 
 
-def _check_data(bundle, spec, grid, steps, committed, chk: _Checks) -> None:
+def _check_data(bundle, spec, grid, steps, committed, chk: Checks) -> None:
   seed, n = int(spec["seed"]), int(spec["num_examples"])
   batch_size = int(spec["hyperparameters"]["batch_size"])
   root = hashing.from_hex(spec["dataset_root"])
@@ -353,7 +353,7 @@ def _check_data(bundle, spec, grid, steps, committed, chk: _Checks) -> None:
 
 
 def _check_programs(block_spec, opt_cfg, params, frozen, opt_state, bundle, spec, k, t0, grid,
-                    chk: _Checks) -> None:
+                    chk: Checks) -> None:
   T = bundle.tensors
   batch = {key: jnp.asarray(T[f"step/{t0}/batch/{key}"]) for key in data_lib.BATCH_KEYS}
   x_in = batch["tokens"] if k == 0 else jnp.asarray(T[f"step/{t0}/fwd_out/{k - 1}"])
@@ -370,7 +370,7 @@ def _check_programs(block_spec, opt_cfg, params, frozen, opt_state, bundle, spec
 
 
 def _replay(block_spec, opt_cfg, params, opt_state, frozen, bundle, grid, k, steps, committed,
-            chk: _Checks, seed: int) -> None:
+            chk: Checks, seed: int) -> None:
   T = bundle.tensors
   last = k == grid.num_layer_blocks - 1
   for t in steps:

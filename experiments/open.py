@@ -1,6 +1,10 @@
-r"""Provider: opens the challenged cells of a recorded run into bundles.
+r"""Provider: opens the challenged cells of a recorded run (or served batch) into bundles.
 
   python -m experiments.open --workdir W --challenge challenge.json --out bundles/
+  python -m experiments.open --workdir W --record W/served/batch_0 --challenge ch.json --out b/
+
+With --record, the cells are (layer block, token step) cells of that served batch of
+the model trained in W.
 """
 
 import sys
@@ -9,10 +13,13 @@ from absl import app
 from absl import flags
 
 from aftune import challenge as challenge_lib
+from aftune import inference
+from aftune import inference_audit
 from aftune import opening
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The recorded run.", required=True)
 _CHALLENGE = flags.DEFINE_string("challenge", None, "The client's challenge.json.", required=True)
+_RECORD = flags.DEFINE_string("record", None, "A served batch's record dir (experiments.infer).")
 _OUT = flags.DEFINE_string("out", "bundles", "Directory for the bundles.")
 
 
@@ -20,9 +27,14 @@ def main(argv):
   del argv
   try:
     ch = challenge_lib.load_challenge(_CHALLENGE.value)
-    provider = opening.Provider(_WORKDIR.value)
+    if _RECORD.value:
+      provider = inference_audit.InferenceProvider(
+          _RECORD.value, inference.load_from_training(_WORKDIR.value))
+    else:
+      provider = opening.Provider(_WORKDIR.value)
     if ch.job_id != provider.commitment["job_id"] or ch.root != provider.commitment["merkle_root"]:
-      raise ValueError(f"{_CHALLENGE.value}: drawn for another job or root than {_WORKDIR.value}")
+      raise ValueError(f"{_CHALLENGE.value}: drawn for another job or root than "
+                       f"{_RECORD.value or _WORKDIR.value}")
     paths = provider.open_challenge([tuple(c) for c in ch.cells], _OUT.value)
   except (ValueError, OSError, opening.OpeningError) as e:
     print(f"error: {e}", file=sys.stderr)

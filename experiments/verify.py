@@ -23,11 +23,19 @@ _BUNDLES = flags.DEFINE_string("bundles", None, "Directory of bundles.", require
 _AGREED = flags.DEFINE_string("agreed", None, "The agreed job-spec fields (experiments.agree).")
 _MODE = flags.DEFINE_enum("mode", "exact", ["exact", "tolerance"], "Bitwise or thresholds.")
 _PUBLIC_KEY = flags.DEFINE_string("public_key", None, "Expected provider key (hex).")
+_MODEL_HASH = flags.DEFINE_string("model_hash", None,
+                                  "Inference: the promised model's hash (hex), e.g. the final "
+                                  "model hash of the audited training job.")
+_TRAINING_COMMITMENT = flags.DEFINE_string(
+    "training_commitment", None, "Inference: take the promised model from this signed training "
+    "commitment (its final_model_hash).")
 _OUT = flags.DEFINE_string("out", "verdict.json", "Verdict JSON; the report goes beside it (.md).")
 
 
 def _pin_threads(paths):
-  threads = bundle_lib.read_bundle(paths[0]).manifest["job_spec"]["environment"].get("cpu_threads")
+  manifest = bundle_lib.read_bundle(paths[0]).manifest
+  spec = manifest.get("job_spec") or manifest.get("spec")
+  threads = spec.get("environment", {}).get("cpu_threads")
   cpus = sorted(os.sched_getaffinity(0))
   if threads and threads <= len(cpus):
     os.sched_setaffinity(0, cpus[:threads])
@@ -46,8 +54,11 @@ def main(argv):
     commitment = audit.load_commitment(_COMMITMENT.value, _PUBLIC_KEY.value)
     ch = challenge_lib.load_challenge(_CHALLENGE.value) if _CHALLENGE.value else None
     agreed = audit.load_agreed(_AGREED.value) if _AGREED.value else None
+    model_hash = _MODEL_HASH.value
+    if _TRAINING_COMMITMENT.value:
+      model_hash = audit.load_commitment(_TRAINING_COMMITMENT.value, _PUBLIC_KEY.value)["final_model_hash"]
     verdict = audit.verify_openings(paths, commitment=commitment, challenge=ch, agreed=agreed,
-                                    mode=_MODE.value)
+                                    mode=_MODE.value, expected_model_hash=model_hash)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

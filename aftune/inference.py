@@ -1,0 +1,307 @@
+"""Auditable inference: serve a batch of prompts with recording, commit, sign.
+
+A served batch is recorded like a training run, on a grid of token positions x layer
+blocks. Leaves, in Merkle order:
+
+  0                       inf_spec     hash of the inference spec (model hash, the batch
+                                       composition and padding, sampling settings, seed,
+                                       programs, environment)
+  for t in 0..steps-1:    tokens       the tokens emitted at step t [B] (pad once finished)
+                          sample_key   the sampling key of step t
+                          inf_out[k]   the tensor leaving block k at step t (the logits
+                                       [B, V] for the last block), k = 0..K-1
+
+Block k's input at step t is inf_out[k-1] of step t, and for block 0 the prompt ids
+(t = 0) or the tokens of step t-1. Output tensors are stored for every I_A-th block.
+
+Record directory: spec.json, leaves.bin, tensors.safetensors.zst, commitment.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from aftune import checkpoint as ckpt_lib
+from aftune import generate as gen_lib
+from aftune import grid as grid_lib
+from aftune import hashing
+from aftune import integrity
+from aftune import job as job_lib
+from aftune import jobspec
+from aftune import merkle
+from aftune import provenance
+from aftune import recorder as recorder_lib
+from aftune import signing
+from aftune import tensorfile
+from aftune import trace
+from aftune import train
+
+PyTree = Any
+SPEC_FORMAT = "aftune-inference/v1"
+COMMITMENT_FORMAT = "aftune-inference-commitment/v1"
+_STEP_KINDS = ("tokens", "sample_key")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceGrid:
+  """Token positions x layer blocks of one served batch (a cell is (block k, step t))."""
+  num_steps: int
+  num_layer_blocks: int
+  units_per_block: int
+  activation_interval: int = 1
+
+  @property
+  def num_leaves(self) -> int:
+    return 1 + self.num_steps * (len(_STEP_KINDS) + self.num_layer_blocks)
+
+  def stores_boundary(self, block: int) -> bool:
+    return block % self.activation_interval == 0
+
+  def index(self, kind: str, step: int, block: int) -> int:
+    per = len(_STEP_KINDS) + self.num_layer_blocks
+    if kind == "inf_spec":
+      if (step, block) != (-1, -1):
+        raise ValueError("inf_spec is at step -1, block -1")
+      return 0
+    if not 0 <= step < self.num_steps:
+      raise ValueError(f"no {kind} leaf at step {step} (steps 0..{self.num_steps - 1})")
+    if kind in _STEP_KINDS:
+      if block != -1:
+        raise ValueError(f"{kind} is a per-step record (block -1), got block {block}")
+      return 1 + step * per + _STEP_KINDS.index(kind)
+    if kind == "inf_out":
+      if not 0 <= block < self.num_layer_blocks:
+        raise ValueError(f"block {block} outside 0..{self.num_layer_blocks - 1}")
+      return 1 + step * per + len(_STEP_KINDS) + block
+    raise ValueError(f"unknown inference leaf kind {kind!r}")
+
+  def key_at(self, index: int) -> tuple[str, int, int]:
+    if not 0 <= index < self.num_leaves:
+      raise ValueError(f"leaf index {index} outside 0..{self.num_leaves - 1}")
+    if index == 0:
+      return ("inf_spec", -1, -1)
+    t, r = divmod(index - 1, len(_STEP_KINDS) + self.num_layer_blocks)
+    if r < len(_STEP_KINDS):
+      return (_STEP_KINDS[r], t, -1)
+    return ("inf_out", t, r - len(_STEP_KINDS))
+
+  def to_dict(self) -> dict[str, int]:
+    # num_step_blocks: the challenge module draws (layer block, step) cells over this grid.
+    return {**dataclasses.asdict(self), "num_step_blocks": self.num_steps,
+            "num_leaves": self.num_leaves}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "InferenceGrid":
+    return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
+class ServedModel:
+  """A model to serve: blocked parameters, their canonical hash and where they come from."""
+  blocked: grid_lib.BlockedParams  # trainable holds the served (e.g. fine-tuned) values
+  model_cfg: Any
+  model_hash: str  # hex, jobspec.model_hash: independent of B_L
+  source: dict[str, Any]  # {"job_id": ..., "final_model_hash": ...} or {"declared": ...}
+  tokenizer: Any = None
+  template: Any = None
+
+
+def load_from_training(workdir: str | Path, *, units_per_block: int | None = None) -> ServedModel:
+  """The final model of an audited training job, checked against its signed commitment."""
+  workdir = Path(workdir)
+  commitment = integrity.load_commitment(workdir / "commitment.json")
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  if units_per_block is not None:
+    config.audit.units_per_block = units_per_block
+  job = job_lib.build_job(config)
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", create=False)
+  params, _ = train.restore_state(ckpt, job.num_steps, job)
+  ckpt.close()
+  blocked = dataclasses.replace(job.blocked, trainable=params)
+  h = hashing.hexdigest(jobspec.model_hash(blocked))
+  if h != commitment["final_model_hash"]:
+    raise ValueError(f"{workdir}: the final checkpoint hashes to {h[:16]}…, the commitment's "
+                     f"final model is {commitment['final_model_hash'][:16]}…")
+  return ServedModel(blocked, job.model_cfg, h, {"job_id": commitment["job_id"],
+                                                 "final_model_hash": commitment["final_model_hash"]},
+                     job.tokenizer, job.template)
+
+
+def program_fingerprint(blocked: grid_lib.BlockedParams, ids: np.ndarray, mask: np.ndarray,
+                        max_total_len: int) -> dict[str, str]:
+  """Hashes of the lowered prefill/decode program of every block for these shapes."""
+  out = {}
+  x = jax.numpy.asarray(ids)
+  for spec, p, f in zip(blocked.specs, blocked.trainable, blocked.frozen):
+    ctx = gen_lib.prefill_ctx(mask)
+    out[f"block_prefill/{spec.index}"] = gen_lib.block_prefill.lower(
+        spec, p, f, x, ctx, max_total_len).as_text()
+    y, cache = jax.eval_shape(gen_lib.block_prefill, spec, p, f, x, ctx, max_total_len)
+    if max_total_len > ids.shape[1]:
+      x1 = (jax.ShapeDtypeStruct((ids.shape[0], 1), np.int32) if spec.index == 0 else
+            jax.ShapeDtypeStruct((ids.shape[0], 1) + tuple(x.shape[2:]), x.dtype))
+      out[f"block_decode/{spec.index}"] = gen_lib.block_decode.lower(
+          spec, p, f, x1, cache, gen_lib.decode_ctx(mask, 1, max_total_len)).as_text()
+    x = y
+  return {k: hashing.hexdigest(hashing.hash_bytes(b"aftune/v1/program", v.encode()))
+          for k, v in out.items()}
+
+
+class InferenceRecorder:
+  """The generation observer: hashes every step's boundaries, keeps the stored ones."""
+
+  def __init__(self, num_blocks: int, activation_interval: int):
+    self.num_blocks, self.activation_interval = num_blocks, activation_interval
+    self.steps: list[dict[str, Any]] = []
+    self.tensors: dict[str, np.ndarray] = {}
+
+  def __call__(self, t, block_inputs, block_outputs, logits, tokens, key):
+    del block_inputs, logits  # inputs are the previous block's outputs (or tokens)
+    outs, tokens = jax.device_get((list(block_outputs), tokens))
+    self.steps.append({"tokens": hashing.hash_array(np.asarray(tokens, np.int32)),
+                       "sample_key": hashing.hash_key(key),
+                       "inf_out": [hashing.hash_array(o) for o in outs]})
+    self.tensors[f"tokens/{t}"] = np.asarray(tokens, np.int32)
+    for k, o in enumerate(outs):
+      if k % self.activation_interval == 0:
+        self.tensors[f"out/{t}/{k}"] = np.asarray(o)
+
+
+@dataclasses.dataclass
+class ServeSettings:
+  max_new_tokens: int = 32
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  batch_id: int = 0
+  stop_tokens: tuple[int, ...] = ()
+  pad_id: int = 0
+  activation_interval: int = 1  # I_A: store every I_A-th block's outputs
+
+
+def serve(model: ServedModel, prompts_tokens: Sequence[Sequence[int]], settings: ServeSettings,
+          out_dir: str | Path, *, key_path: str | Path, record: bool = True) -> dict[str, Any]:
+  """Generates for a batch of prompts and writes its signed record to out_dir.
+
+  Args:
+    model: the served model.
+    prompts_tokens: token ids per prompt (the batch, in this order: it is committed).
+    settings: sampling and recording settings.
+    out_dir: the record directory (must not exist yet).
+    key_path: the provider's Ed25519 key (created if missing).
+    record: False serves without recording (the unaudited baseline).
+
+  Returns:
+    {"result": GenerationResult, "commitment": the signed commitment or None}.
+  """
+  out_dir = Path(out_dir)
+  b = model.blocked
+  rec = InferenceRecorder(b.num_blocks, settings.activation_interval) if record else None
+  result = gen_lib.generate(
+      b.specs, b.trainable, b.frozen, prompts_tokens, max_new_tokens=settings.max_new_tokens,
+      temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+      seed=settings.seed, batch_id=settings.batch_id, stop_tokens=settings.stop_tokens,
+      pad_id=settings.pad_id, observer=rec)
+  if not record:
+    return {"result": result, "commitment": None}
+  out_dir.mkdir(parents=True, exist_ok=False)  # never overwrite a record
+  grid = InferenceGrid(result.num_steps, b.num_blocks, len(b.specs[0].unit_names),
+                       settings.activation_interval)
+  spec = {
+      "format": SPEC_FORMAT,
+      "model_hash": model.model_hash,
+      "source": model.source,
+      "model": json.loads(json.dumps(model.model_cfg.to_dict())),
+      "grid": grid.to_dict(),
+      "prompts": [list(map(int, p)) for p in prompts_tokens],
+      "settings": json.loads(json.dumps(dataclasses.asdict(settings))),
+      "max_total_len": result.max_total_len,
+      "program_fingerprint": program_fingerprint(b, result.prompt_ids, result.attn_mask,
+                                                 result.max_total_len),
+      "environment": provenance.environment_manifest(),
+  }
+  (out_dir / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+  inference_id = hashing.hash_json(spec)
+  writer = trace.LeafWriter(out_dir / "leaves.bin", grid)
+  writer.append(trace.Leaf("inf_spec", -1, -1, inference_id))
+  for t, step in enumerate(rec.steps):
+    writer.append(trace.Leaf("tokens", t, -1, step["tokens"]))
+    writer.append(trace.Leaf("sample_key", t, -1, step["sample_key"]))
+    for k, h in enumerate(step["inf_out"]):
+      writer.append(trace.Leaf("inf_out", t, k, h))
+  writer.close()
+  tensorfile.write(out_dir / "tensors.safetensors.zst", rec.tensors)
+  doc = {"format": COMMITMENT_FORMAT, "inference_id": inference_id.hex(),
+         "job_id": inference_id.hex(),  # the challenge module binds draws to this id
+         "merkle_root": writer.tree.root().hex(), "num_leaves": writer.size,
+         "grid": grid.to_dict(), "model_hash": model.model_hash, "source": model.source}
+  doc = signing.sign_document(doc, recorder_lib.load_or_create_key(Path(key_path)))
+  (out_dir / "commitment.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+  logging.info("served %d prompts, %d steps; committed root %s", len(prompts_tokens),
+               result.num_steps, doc["merkle_root"][:16])
+  return {"result": result, "commitment": doc}
+
+
+def load_record(record_dir: str | Path) -> tuple[dict, dict, InferenceGrid, list[trace.Leaf]]:
+  """(commitment, spec, grid, leaves) of a served batch, checked against its signed root."""
+  record_dir = Path(record_dir)
+  path = record_dir / "commitment.json"
+  try:
+    doc = signing.load_json_document(path)
+    signing.verify_document(doc)
+  except FileNotFoundError:
+    raise trace.TraceError(f"{path}: inference commitment missing") from None
+  except ValueError as e:
+    raise trace.TraceError(f"{path}: {e}") from None
+  if doc.get("format") != COMMITMENT_FORMAT:
+    raise trace.TraceError(f"{path}: not an inference commitment ({doc.get('format')!r})")
+  grid = InferenceGrid.from_dict(doc["grid"])
+  leaves = trace.read_leaves(record_dir / "leaves.bin", grid)
+  if merkle.merkle_root([l.hash() for l in leaves]).hex() != doc["merkle_root"]:
+    raise trace.TraceError(f"{record_dir / 'leaves.bin'}: does not hash to the committed root")
+  spec = json.loads((record_dir / "spec.json").read_text())
+  if hashing.hash_json(spec).hex() != doc["inference_id"]:
+    raise trace.TraceError(f"{record_dir / 'spec.json'}: does not hash to the inference id")
+  return doc, spec, grid, leaves
+
+
+def read_prompts(path: str | Path, tokenizer: Any, template: Any) -> list[list[int]]:
+  """Prompt token ids from a text file (one user message a line) or JSONL.
+
+  JSONL lines hold {"prompt": text} or {"messages": [{role, content}, ...]}; each becomes
+  the chat template's prompt up to and including the assistant header.
+  """
+  from aftune import data as data_lib  # pylint: disable=g-import-not-at-top
+  path = Path(path)
+  try:
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+  except FileNotFoundError:
+    raise data_lib.DataError(f"{path}: prompts file missing") from None
+  out = []
+  for i, line in enumerate(lines, 1):
+    if path.suffix == ".jsonl":
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise data_lib.DataError(f"{path}:{i}: invalid JSON ({e})") from None
+      if "messages" in obj:
+        msgs = [data_lib.Message(m["role"], m["content"]) for m in obj["messages"]]
+      elif isinstance(obj.get("prompt"), str):
+        msgs = [data_lib.Message("user", obj["prompt"])]
+      else:
+        raise data_lib.DataError(f"{path}:{i}: needs a 'prompt' string or 'messages'")
+    else:
+      msgs = [data_lib.Message("user", line)]
+    out.append(data_lib.encode_prompt(msgs, tokenizer, template))
+  if not out:
+    raise data_lib.DataError(f"{path}: no prompts")
+  return out
