@@ -126,8 +126,9 @@ def _check_item_names(names: Any, where: str, *, allow_reserved: bool = False) -
       raise CheckpointError(f"{where}: item name {name!r} is not usable as a directory name")
     if not allow_reserved and name in RESERVED_ITEMS:
       raise CheckpointError(
-          f"{where}: item name {name!r} is reserved (reserved: {sorted(RESERVED_ITEMS)}); "
-          "pass metadata through `meta=`")
+        f"{where}: item name {name!r} is reserved (reserved: {sorted(RESERVED_ITEMS)}); "
+        "pass metadata through `meta=`"
+      )
 
 
 def _check_step(step: Any, where: str) -> int:
@@ -149,25 +150,27 @@ class Checkpointer:
         items = ckpt.restore(step, {"block_0": abstract_block_0})   # reads block_0 only
   """
 
-  def __init__(self, directory: str | Path, *, max_to_keep: int | None = None,
-               create: bool = True):
+  def __init__(self, directory: str | Path, *, max_to_keep: int | None = None, create: bool = True):
     self._dir = Path(directory).expanduser().absolute()
-    if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
-                                    or max_to_keep < 1):
-      raise CheckpointError(f"checkpoint directory {self._dir}: max_to_keep must be a positive int "
-                            f"or None, got {max_to_keep!r}")
+    if max_to_keep is not None and (
+      isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+    ):
+      raise CheckpointError(
+        f"checkpoint directory {self._dir}: max_to_keep must be a positive int "
+        f"or None, got {max_to_keep!r}"
+      )
     if self._dir.exists() and not self._dir.is_dir():
       raise CheckpointError(f"checkpoint directory {self._dir}: exists and is not a directory")
     if not create and not self._dir.is_dir():
       raise CheckpointError(f"checkpoint directory {self._dir}: does not exist (create=False)")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        create=create,
-        enable_async_checkpointing=True,
-        # Never delete other writers' in-flight tmp dirs (a verifier may open the
-        # directory while the trainer writes); Orbax replaces a stale tmp dir of
-        # a step when that step is saved again.
-        cleanup_tmp_directories=False,
+      max_to_keep=max_to_keep,
+      create=create,
+      enable_async_checkpointing=True,
+      # Never delete other writers' in-flight tmp dirs (a verifier may open the
+      # directory while the trainer writes); Orbax replaces a stale tmp dir of
+      # a step when that step is saved again.
+      cleanup_tmp_directories=False,
     )
     try:
       self._mngr = ocp.CheckpointManager(self._dir, options=options)
@@ -231,8 +234,14 @@ class Checkpointer:
 
   # ------------------------------------------------------------------ save
 
-  def save(self, step: int, items: Mapping[str, PyTree], meta: Mapping[str, Any] | None = None,
-           *, wait: bool = True) -> None:
+  def save(
+    self,
+    step: int,
+    items: Mapping[str, PyTree],
+    meta: Mapping[str, Any] | None = None,
+    *,
+    wait: bool = True,
+  ) -> None:
     """Saves `items` (one Orbax item each) and JSON `meta` as `step`.
 
     With ``wait=False`` this returns once the arrays are copied for writing and
@@ -259,8 +268,10 @@ class Checkpointer:
     self.wait()  # Orbax would wait for the previous save anyway; its step must be visible
     if (self._dir / str(step)).exists() or step in self._mngr.all_steps():
       state = "exists" if step in self.all_steps() else "exists but is incomplete (not committed)"
-      raise CheckpointError(f"{where}: {state}; refusing to overwrite it "
-                            f"(committed steps: {_listing(self.all_steps())})")
+      raise CheckpointError(
+        f"{where}: {state}; refusing to overwrite it "
+        f"(committed steps: {_listing(self.all_steps())})"
+      )
 
     manifest_items = {}
     to_save = {}
@@ -269,19 +280,29 @@ class Checkpointer:
       for path, leaf in _flatten(tree):
         if not _is_array(leaf):
           raise CheckpointError(
-              f"{where}: item {name!r} leaf {_fmt_path(path)} is a {type(leaf).__name__}, "
-              "not a jax or numpy array (wrap scalars with np.asarray(x, dtype))")
+            f"{where}: item {name!r} leaf {_fmt_path(path)} is a {type(leaf).__name__}, "
+            "not a jax or numpy array (wrap scalars with np.asarray(x, dtype))"
+          )
         try:
           host = _host(leaf)
         except Exception as e:  # noqa: BLE001
-          raise CheckpointError(f"{where}: item {name!r} leaf {_fmt_path(path)} cannot be read "
-                                f"to the host: {e}") from e
-        leaves.append({"path": list(path), "dtype": str(host.dtype), "shape": list(host.shape),
-                       "blake3": _digest(host)})
+          raise CheckpointError(
+            f"{where}: item {name!r} leaf {_fmt_path(path)} cannot be read to the host: {e}"
+          ) from e
+        leaves.append(
+          {
+            "path": list(path),
+            "dtype": str(host.dtype),
+            "shape": list(host.shape),
+            "blake3": _digest(host),
+          }
+        )
       manifest_items[name] = {"leaves": leaves}
       if not wait:
         # Orbax may read numpy buffers after save() returns; snapshot them now.
-        tree = jax.tree.map(lambda x: np.array(x, copy=True) if isinstance(x, np.ndarray) else x, tree)
+        tree = jax.tree.map(
+          lambda x: np.array(x, copy=True) if isinstance(x, np.ndarray) else x, tree
+        )
       to_save[name] = tree
     manifest = {"format": MANIFEST_FORMAT, "step": step, "items": manifest_items}
 
@@ -306,8 +327,9 @@ class Checkpointer:
     try:
       self._mngr.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"{self._where()}: a background save failed: "
-                            f"{type(e).__name__}: {e}") from e
+      raise CheckpointError(
+        f"{self._where()}: a background save failed: {type(e).__name__}: {e}"
+      ) from e
 
   def close(self) -> None:
     """Waits for background saves, then releases Orbax's threads. Idempotent."""
@@ -331,10 +353,12 @@ class Checkpointer:
       return out[item]
     except Exception as e:  # noqa: BLE001
       if not (self._dir / str(step) / item).exists():
-        raise CheckpointError(f"{where}: has no {item!r} item (not written by aftune's "
-                              "Checkpointer, or damaged)") from e
-      raise CheckpointError(f"{where}: {item!r} item is unreadable (corrupted?): "
-                            f"{type(e).__name__}: {e}") from e
+        raise CheckpointError(
+          f"{where}: has no {item!r} item (not written by aftune's Checkpointer, or damaged)"
+        ) from e
+      raise CheckpointError(
+        f"{where}: {item!r} item is unreadable (corrupted?): {type(e).__name__}: {e}"
+      ) from e
 
   def restore_meta(self, step: int) -> dict:
     """The JSON metadata saved with `step`."""
@@ -346,8 +370,11 @@ class Checkpointer:
 
   def _manifest(self, step: int) -> dict:
     manifest = self._restore_json(step, MANIFEST_ITEM)
-    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
-        or not isinstance(manifest.get("items"), dict)):
+    if (
+      not isinstance(manifest, dict)
+      or manifest.get("format") != MANIFEST_FORMAT
+      or not isinstance(manifest.get("items"), dict)
+    ):
       raise CheckpointError(f"{self._where(step)}: manifest is not an {MANIFEST_FORMAT} manifest")
     return manifest
 
@@ -368,30 +395,41 @@ class Checkpointer:
 
     for name, target in abstract_items.items():
       if name not in stored:
-        raise CheckpointError(f"{where}: item {name!r} is not in the checkpoint; "
-                              f"available items: {_listing(sorted(stored))}")
+        raise CheckpointError(
+          f"{where}: item {name!r} is not in the checkpoint; "
+          f"available items: {_listing(sorted(stored))}"
+        )
       self._check_target(where, name, target, stored[name]["leaves"])
 
     args = {name: ocp.args.StandardRestore(target) for name, target in abstract_items.items()}
     try:
       restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"{where}: cannot read items {_listing(abstract_items)} "
-                            f"(truncated or corrupted files?): {type(e).__name__}: "
-                            f"{str(e)[:2000]}") from e
+      raise CheckpointError(
+        f"{where}: cannot read items {_listing(abstract_items)} "
+        f"(truncated or corrupted files?): {type(e).__name__}: "
+        f"{str(e)[:2000]}"
+      ) from e
 
     out = {}
     for name, target in abstract_items.items():
       tree = restored[name]
       if jax.tree.structure(tree) != jax.tree.structure(target):
-        raise CheckpointError(f"{where}: item {name!r} came back with structure "
-                              f"{jax.tree.structure(tree)}, expected {jax.tree.structure(target)}")
+        raise CheckpointError(
+          f"{where}: item {name!r} came back with structure "
+          f"{jax.tree.structure(tree)}, expected {jax.tree.structure(target)}"
+        )
       for (path, leaf), entry in zip(_flatten(tree), stored[name]["leaves"]):
         host = _host(leaf)
-        if (str(host.dtype) != entry["dtype"] or list(host.shape) != entry["shape"]
-            or _digest(host) != entry["blake3"]):
-          raise CheckpointError(f"{where}: item {name!r} leaf {_fmt_path(path)} does not match "
-                                "the digest recorded at save time (corrupted checkpoint file)")
+        if (
+          str(host.dtype) != entry["dtype"]
+          or list(host.shape) != entry["shape"]
+          or _digest(host) != entry["blake3"]
+        ):
+          raise CheckpointError(
+            f"{where}: item {name!r} leaf {_fmt_path(path)} does not match "
+            "the digest recorded at save time (corrupted checkpoint file)"
+          )
       out[name] = tree
     return out
 
@@ -417,14 +455,20 @@ class Checkpointer:
       entry = want[path]
       dtype, shape = getattr(leaf, "dtype", None), getattr(leaf, "shape", None)
       if dtype is None or shape is None:
-        problems.append(f"{_fmt_path(path)}: target leaf is a {type(leaf).__name__}, "
-                        "not an array or jax.ShapeDtypeStruct")
+        problems.append(
+          f"{_fmt_path(path)}: target leaf is a {type(leaf).__name__}, "
+          "not an array or jax.ShapeDtypeStruct"
+        )
         continue
       if str(np.dtype(dtype)) != entry["dtype"]:
         problems.append(f"{_fmt_path(path)}: dtype {np.dtype(dtype)} != stored {entry['dtype']}")
       if list(shape) != entry["shape"]:
-        problems.append(f"{_fmt_path(path)}: shape {tuple(shape)} != stored {tuple(entry['shape'])}")
+        problems.append(
+          f"{_fmt_path(path)}: shape {tuple(shape)} != stored {tuple(entry['shape'])}"
+        )
     if problems:
-      raise CheckpointError(f"{where}: item {name!r} does not match the target: "
-                            + "; ".join(problems[:_MAX_LISTED])
-                            + (f"; ... ({len(problems)} in all)" if len(problems) > _MAX_LISTED else ""))
+      raise CheckpointError(
+        f"{where}: item {name!r} does not match the target: "
+        + "; ".join(problems[:_MAX_LISTED])
+        + (f"; ... ({len(problems)} in all)" if len(problems) > _MAX_LISTED else "")
+      )

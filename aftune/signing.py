@@ -26,8 +26,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
+  Ed25519PrivateKey,
+  Ed25519PublicKey,
 )
 
 from aftune.hashing import canonical_json_bytes
@@ -37,249 +37,246 @@ ALG = "ed25519"
 
 
 class SignatureError(ValueError):
-    """A document's signature is missing, malformed, from another key, or wrong."""
+  """A document's signature is missing, malformed, from another key, or wrong."""
 
 
 def generate_key(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ed25519PublicKey:
-    """Creates an Ed25519 key and writes it as unencrypted PKCS#8 PEM (mode 0600).
+  """Creates an Ed25519 key and writes it as unencrypted PKCS#8 PEM (mode 0600).
 
-    Args:
-      path: where to write the private key.
-      overwrite: replace an existing file (default: refuse, so a key is never
-        lost by accident).
+  Args:
+    path: where to write the private key.
+    overwrite: replace an existing file (default: refuse, so a key is never
+      lost by accident).
 
-    Returns:
-      The public key.
-    """
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    # Create with 0600 directly: writing first and chmod-ing later would leave
-    # the key readable by others for a moment.
-    fd = os.open(path, flags, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # O_TRUNC keeps the old mode of an existing file
-        os.write(fd, pem)
-    finally:
-        os.close(fd)
-    return key.public_key()
+  Returns:
+    The public key.
+  """
+  key = Ed25519PrivateKey.generate()
+  pem = key.private_bytes(
+    serialization.Encoding.PEM,
+    serialization.PrivateFormat.PKCS8,
+    serialization.NoEncryption(),
+  )
+  flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+  # Create with 0600 directly: writing first and chmod-ing later would leave
+  # the key readable by others for a moment.
+  fd = os.open(path, flags, 0o600)
+  try:
+    os.fchmod(fd, 0o600)  # O_TRUNC keeps the old mode of an existing file
+    os.write(fd, pem)
+  finally:
+    os.close(fd)
+  return key.public_key()
 
 
 def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
-    """Loads a PEM Ed25519 private key written by ``generate_key``.
+  """Loads a PEM Ed25519 private key written by ``generate_key``.
 
-    Args:
-      path: PEM file.
+  Args:
+    path: PEM file.
 
-    Returns:
-      The private key.
+  Returns:
+    The private key.
 
-    Raises:
-      ValueError: the file is not an unencrypted Ed25519 PEM key.
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{os.fspath(path)}: not an unencrypted PEM private key: {e}") from e
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{os.fspath(path)}: not an Ed25519 key ({type(key).__name__})")
-    return key
+  Raises:
+    ValueError: the file is not an unencrypted Ed25519 PEM key.
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    key = serialization.load_pem_private_key(data, password=None)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{os.fspath(path)}: not an unencrypted PEM private key: {e}") from e
+  if not isinstance(key, Ed25519PrivateKey):
+    raise ValueError(f"{os.fspath(path)}: not an Ed25519 key ({type(key).__name__})")
+  return key
 
 
 def public_key_hex(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
-    """Raw 32-byte public key as lower-case hex.
+  """Raw 32-byte public key as lower-case hex.
 
-    Args:
-      key: public key, or a private key (its public half is used).
+  Args:
+    key: public key, or a private key (its public half is used).
 
-    Returns:
-      64 hex characters.
-    """
-    if isinstance(key, Ed25519PrivateKey):
-        key = key.public_key()
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return raw.hex()
+  Returns:
+    64 hex characters.
+  """
+  if isinstance(key, Ed25519PrivateKey):
+    key = key.public_key()
+  raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+  return raw.hex()
 
 
 def signed_message(doc: Mapping[str, Any]) -> bytes:
-    """The bytes a signature covers: canonical JSON of doc minus "signature"."""
-    body = {k: v for k, v in doc.items() if k != SIGNATURE_FIELD}
-    return canonical_json_bytes(body)
+  """The bytes a signature covers: canonical JSON of doc minus "signature"."""
+  body = {k: v for k, v in doc.items() if k != SIGNATURE_FIELD}
+  return canonical_json_bytes(body)
 
 
 def sign_document(doc: Mapping[str, Any], private_key: Ed25519PrivateKey) -> dict[str, Any]:
-    """Returns a copy of ``doc`` with a ``signature`` block (replacing any old one).
+  """Returns a copy of ``doc`` with a ``signature`` block (replacing any old one).
 
-    Args:
-      doc: JSON object (str keys, canonical-JSON-encodable values).
-      private_key: Ed25519 signing key.
+  Args:
+    doc: JSON object (str keys, canonical-JSON-encodable values).
+    private_key: Ed25519 signing key.
 
-    Returns:
-      New dict: doc's fields plus ``{"signature": {"alg", "public_key", "sig"}}``.
-    """
-    if not isinstance(doc, Mapping):
-        raise TypeError(f"can only sign a JSON object, got {type(doc).__name__}")
-    out = {k: copy.deepcopy(v) for k, v in doc.items() if k != SIGNATURE_FIELD}
-    sig = private_key.sign(canonical_json_bytes(out))
-    out[SIGNATURE_FIELD] = {
-        "alg": ALG,
-        "public_key": public_key_hex(private_key),
-        "sig": sig.hex(),
-    }
-    return out
+  Returns:
+    New dict: doc's fields plus ``{"signature": {"alg", "public_key", "sig"}}``.
+  """
+  if not isinstance(doc, Mapping):
+    raise TypeError(f"can only sign a JSON object, got {type(doc).__name__}")
+  out = {k: copy.deepcopy(v) for k, v in doc.items() if k != SIGNATURE_FIELD}
+  sig = private_key.sign(canonical_json_bytes(out))
+  out[SIGNATURE_FIELD] = {
+    "alg": ALG,
+    "public_key": public_key_hex(private_key),
+    "sig": sig.hex(),
+  }
+  return out
 
 
 def _hex_field(block: Mapping[str, Any], name: str, nbytes: int) -> bytes:
-    value = block.get(name)
-    if not isinstance(value, str):
-        raise SignatureError(f"malformed signature: field {name!r} missing or not a string")
-    try:
-        raw = bytes.fromhex(value)
-    except ValueError:
-        raise SignatureError(f"malformed signature: field {name!r} is not hex") from None
-    if len(raw) != nbytes:
-        raise SignatureError(
-            f"malformed signature: field {name!r} must be {nbytes} bytes, got {len(raw)}"
-        )
-    return raw
+  value = block.get(name)
+  if not isinstance(value, str):
+    raise SignatureError(f"malformed signature: field {name!r} missing or not a string")
+  try:
+    raw = bytes.fromhex(value)
+  except ValueError:
+    raise SignatureError(f"malformed signature: field {name!r} is not hex") from None
+  if len(raw) != nbytes:
+    raise SignatureError(
+      f"malformed signature: field {name!r} must be {nbytes} bytes, got {len(raw)}"
+    )
+  return raw
 
 
 def verify_document(doc: Mapping[str, Any], expected_public_key_hex: str | None = None) -> None:
-    """Checks a signed document.
+  """Checks a signed document.
 
-    Args:
-      doc: signed JSON object (as loaded from its file).
-      expected_public_key_hex: the signer's public key; None only checks that
-        the document matches the key it names.
+  Args:
+    doc: signed JSON object (as loaded from its file).
+    expected_public_key_hex: the signer's public key; None only checks that
+      the document matches the key it names.
 
-    Raises:
-      SignatureError: missing/malformed signature, wrong key, or bad signature.
-    """
-    if not isinstance(doc, Mapping):
-        raise SignatureError(f"document is not a JSON object ({type(doc).__name__})")
-    block = doc.get(SIGNATURE_FIELD)
-    if block is None:
-        raise SignatureError("document has no 'signature' block")
-    if not isinstance(block, Mapping):
-        raise SignatureError("malformed signature: 'signature' is not an object")
-    if block.get("alg") != ALG:
-        raise SignatureError(f"unsupported signature algorithm {block.get('alg')!r}")
-    extra = set(block) - {"alg", "public_key", "sig"}
-    if extra:
-        raise SignatureError(f"malformed signature: unexpected fields {sorted(extra)}")
-    pub_raw = _hex_field(block, "public_key", 32)
-    sig = _hex_field(block, "sig", 64)
-    if expected_public_key_hex is not None:
-        try:
-            expected = bytes.fromhex(expected_public_key_hex)
-        except ValueError:
-            raise SignatureError("expected public key is not hex") from None
-        if expected != pub_raw:
-            raise SignatureError(
-                f"wrong key: signed by {pub_raw.hex()}, expected {expected.hex()}"
-            )
+  Raises:
+    SignatureError: missing/malformed signature, wrong key, or bad signature.
+  """
+  if not isinstance(doc, Mapping):
+    raise SignatureError(f"document is not a JSON object ({type(doc).__name__})")
+  block = doc.get(SIGNATURE_FIELD)
+  if block is None:
+    raise SignatureError("document has no 'signature' block")
+  if not isinstance(block, Mapping):
+    raise SignatureError("malformed signature: 'signature' is not an object")
+  if block.get("alg") != ALG:
+    raise SignatureError(f"unsupported signature algorithm {block.get('alg')!r}")
+  extra = set(block) - {"alg", "public_key", "sig"}
+  if extra:
+    raise SignatureError(f"malformed signature: unexpected fields {sorted(extra)}")
+  pub_raw = _hex_field(block, "public_key", 32)
+  sig = _hex_field(block, "sig", 64)
+  if expected_public_key_hex is not None:
     try:
-        message = signed_message(doc)
-    except (TypeError, ValueError) as e:
-        raise SignatureError(f"document has no canonical JSON form: {e}") from None
-    try:
-        Ed25519PublicKey.from_public_bytes(pub_raw).verify(sig, message)
-    except InvalidSignature:
-        raise SignatureError(
-            "bad signature: the document was changed after signing, or signed "
-            "by another key"
-        ) from None
+      expected = bytes.fromhex(expected_public_key_hex)
+    except ValueError:
+      raise SignatureError("expected public key is not hex") from None
+    if expected != pub_raw:
+      raise SignatureError(f"wrong key: signed by {pub_raw.hex()}, expected {expected.hex()}")
+  try:
+    message = signed_message(doc)
+  except (TypeError, ValueError) as e:
+    raise SignatureError(f"document has no canonical JSON form: {e}") from None
+  try:
+    Ed25519PublicKey.from_public_bytes(pub_raw).verify(sig, message)
+  except InvalidSignature:
+    raise SignatureError(
+      "bad signature: the document was changed after signing, or signed by another key"
+    ) from None
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Duplicate keys would let two JSON parsers see two different documents.
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate JSON key {k!r}")
-        out[k] = v
-    return out
+  # Duplicate keys would let two JSON parsers see two different documents.
+  out: dict[str, Any] = {}
+  for k, v in pairs:
+    if k in out:
+      raise ValueError(f"duplicate JSON key {k!r}")
+    out[k] = v
+  return out
 
 
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+  raise ValueError(f"{name} is not valid JSON")
 
 
 def load_json_document(path: str | os.PathLike[str]) -> Any:
-    """Loads strict JSON (no duplicate keys, no NaN/Infinity) from a file.
+  """Loads strict JSON (no duplicate keys, no NaN/Infinity) from a file.
 
-    Args:
-      path: JSON file.
+  Args:
+    path: JSON file.
 
-    Returns:
-      The parsed value.
+  Returns:
+    The parsed value.
 
-    Raises:
-      ValueError: unreadable or invalid JSON, naming the file.
-    """
-    try:
-        with open(path, "rb") as f:
-            return json.loads(
-                f.read().decode("utf-8"),
-                object_pairs_hook=_reject_duplicates,
-                parse_constant=_reject_constant,
-            )
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{os.fspath(path)}: {e}") from None
+  Raises:
+    ValueError: unreadable or invalid JSON, naming the file.
+  """
+  try:
+    with open(path, "rb") as f:
+      return json.loads(
+        f.read().decode("utf-8"),
+        object_pairs_hook=_reject_duplicates,
+        parse_constant=_reject_constant,
+      )
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f"{os.fspath(path)}: {e}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``verify FILE [--public-key HEX]``, ``keygen PATH``, ``sign FILE KEY``.
+  """CLI: ``verify FILE [--public-key HEX]``, ``keygen PATH``, ``sign FILE KEY``.
 
-    Returns:
-      0 on success, 1 on a signature failure, 2 on unreadable input.
-    """
-    parser = argparse.ArgumentParser(prog="python -m aftune.signing")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("verify", help="verify a signed JSON document")
-    p.add_argument("file")
-    p.add_argument("--public-key", help="expected signer public key (hex)")
-    p = sub.add_parser("keygen", help="write a new Ed25519 private key (PEM, 0600)")
-    p.add_argument("path")
-    p = sub.add_parser("sign", help="sign a JSON document in place")
-    p.add_argument("file")
-    p.add_argument("key", help="PEM private key")
-    args = parser.parse_args(argv)
+  Returns:
+    0 on success, 1 on a signature failure, 2 on unreadable input.
+  """
+  parser = argparse.ArgumentParser(prog="python -m aftune.signing")
+  sub = parser.add_subparsers(dest="cmd", required=True)
+  p = sub.add_parser("verify", help="verify a signed JSON document")
+  p.add_argument("file")
+  p.add_argument("--public-key", help="expected signer public key (hex)")
+  p = sub.add_parser("keygen", help="write a new Ed25519 private key (PEM, 0600)")
+  p.add_argument("path")
+  p = sub.add_parser("sign", help="sign a JSON document in place")
+  p.add_argument("file")
+  p.add_argument("key", help="PEM private key")
+  args = parser.parse_args(argv)
 
-    if args.cmd == "keygen":
-        try:
-            pub = generate_key(args.path)
-        except OSError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(public_key_hex(pub))
-        return 0
+  if args.cmd == "keygen":
     try:
-        doc = load_json_document(args.file)
-        if args.cmd == "sign":
-            signed = sign_document(doc, load_private_key(args.key))
-            with open(args.file, "w", encoding="utf-8") as f:
-                json.dump(signed, f, indent=2, sort_keys=True, ensure_ascii=False)
-                f.write("\n")
-            print(f"signed {args.file} with {signed[SIGNATURE_FIELD]['public_key']}")
-            return 0
-    except (OSError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        verify_document(doc, args.public_key)
-    except SignatureError as e:
-        print(f"FAIL {args.file}: {e}", file=sys.stderr)
-        return 1
-    print(f"OK {args.file} signed by {doc[SIGNATURE_FIELD]['public_key']}")
+      pub = generate_key(args.path)
+    except OSError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    print(public_key_hex(pub))
     return 0
+  try:
+    doc = load_json_document(args.file)
+    if args.cmd == "sign":
+      signed = sign_document(doc, load_private_key(args.key))
+      with open(args.file, "w", encoding="utf-8") as f:
+        json.dump(signed, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+      print(f"signed {args.file} with {signed[SIGNATURE_FIELD]['public_key']}")
+      return 0
+  except (OSError, ValueError, TypeError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  try:
+    verify_document(doc, args.public_key)
+  except SignatureError as e:
+    print(f"FAIL {args.file}: {e}", file=sys.stderr)
+    return 1
+  print(f"OK {args.file} signed by {doc[SIGNATURE_FIELD]['public_key']}")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -24,12 +24,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 def _params(seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   return {
-      "dense": {
-          "kernel": jnp.asarray(rng.standard_normal((16, 8), dtype=np.float32)),
-          "bias": jnp.asarray(rng.standard_normal(8, dtype=np.float32)).astype(jnp.bfloat16),
-      },
-      "layers": [jnp.asarray(rng.standard_normal((4, 4), dtype=np.float32)),
-                 jnp.asarray(rng.standard_normal(4, dtype=np.float32))],
+    "dense": {
+      "kernel": jnp.asarray(rng.standard_normal((16, 8), dtype=np.float32)),
+      "bias": jnp.asarray(rng.standard_normal(8, dtype=np.float32)).astype(jnp.bfloat16),
+    },
+    "layers": [
+      jnp.asarray(rng.standard_normal((4, 4), dtype=np.float32)),
+      jnp.asarray(rng.standard_normal(4, dtype=np.float32)),
+    ],
   }
 
 
@@ -58,13 +60,13 @@ def _odd_values() -> dict:
   nan_payload = np.array([0x7FC00001, 0xFFC12345], dtype=np.uint32).view(np.float32)
   bf16 = jnp.asarray(np.array([1.0, -0.0, 65504.0, 1e-3], dtype=np.float32)).astype(jnp.bfloat16)
   return {
-      "f32": np.concatenate([f32, nan_payload]),
-      "bf16": bf16,
-      "i32_scalar": jnp.asarray(7, jnp.int32),
-      "i32": np.arange(-3, 3, dtype=np.int32),
-      "u8": np.arange(5, dtype=np.uint8),
-      "f16": np.array([1.5, -2.25], dtype=np.float16),
-      "bool": np.array([True, False]),
+    "f32": np.concatenate([f32, nan_payload]),
+    "bf16": bf16,
+    "i32_scalar": jnp.asarray(7, jnp.int32),
+    "i32": np.arange(-3, 3, dtype=np.int32),
+    "u8": np.arange(5, dtype=np.uint8),
+    "f16": np.array([1.5, -2.25], dtype=np.float16),
+    "bool": np.array([True, False]),
   }
 
 
@@ -97,9 +99,9 @@ def _data_files(step_dir: Path, item: str) -> list[Path]:
 
 def test_round_trip_bitwise_optax_states(tmp_path, state):
   items = {
-      "block_0": {"params": state["params"], "opt_state": state["sgd"]},
-      "block_1": {"params": state["params"], "opt_state": state["adamw"]},
-      "odd": _odd_values(),
+    "block_0": {"params": state["params"], "opt_state": state["sgd"]},
+    "block_1": {"params": state["params"], "opt_state": state["adamw"]},
+    "odd": _odd_values(),
   }
   with Checkpointer(tmp_path / "ck") as ck:
     ck.save(3, items, {"step": 3, "note": "hi"})
@@ -120,16 +122,18 @@ def test_round_trip_bitwise_optax_states(tmp_path, state):
   # A fresh Checkpointer (e.g. a verifier process) restores the same, from a
   # concrete example tree too; numpy targets give numpy leaves.
   with Checkpointer(tmp_path / "ck", create=False) as ck2:
-    again = ck2.restore(3, {"block_1": items["block_1"],
-                            "odd": jax.tree.map(np.asarray, items["odd"])})
+    again = ck2.restore(
+      3, {"block_1": items["block_1"], "odd": jax.tree.map(np.asarray, items["odd"])}
+    )
   _assert_bitwise(again["block_1"], items["block_1"])
   _assert_bitwise(again["odd"], items["odd"])
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(again["odd"]))
 
 
 def test_partial_restore_reads_only_named_item(tmp_path, state):
-  items = {f"block_{k}": {"params": _params(k), "opt_state": _adamw_state(_params(k))}
-           for k in range(3)}
+  items = {
+    f"block_{k}": {"params": _params(k), "opt_state": _adamw_state(_params(k))} for k in range(3)
+  }
   with Checkpointer(tmp_path) as ck:
     ck.save(1, items)
     step_dir = tmp_path / "1"
@@ -214,8 +218,13 @@ def test_async_save_then_wait_then_restore(tmp_path, state):
   assert ck.latest_step() in (1, 2)
   ck.wait()
   assert ck.all_steps() == [1, 2]
-  out = ck.restore(1, {"block_0": _abstract(items["block_0"]),
-                       "host": {"y": jax.ShapeDtypeStruct((1000,), np.float32)}})
+  out = ck.restore(
+    1,
+    {
+      "block_0": _abstract(items["block_0"]),
+      "host": {"y": jax.ShapeDtypeStruct((1000,), np.float32)},
+    },
+  )
   _assert_bitwise(out["block_0"], items["block_0"])
   assert np.array_equal(np.asarray(out["host"]["y"]), np.arange(1000, dtype=np.float32))
   ck.save(3, items, wait=False)
@@ -225,8 +234,9 @@ def test_async_save_then_wait_then_restore(tmp_path, state):
   with pytest.raises(CheckpointError, match="closed"):
     ck.save(4, items)
   with Checkpointer(tmp_path) as ck2:
-    _assert_bitwise(ck2.restore(3, {"block_0": _abstract(items["block_0"])})["block_0"],
-                    items["block_0"])
+    _assert_bitwise(
+      ck2.restore(3, {"block_0": _abstract(items["block_0"])})["block_0"], items["block_0"]
+    )
 
 
 # --------------------------------------------------------------------------- errors
@@ -235,8 +245,11 @@ def test_async_save_then_wait_then_restore(tmp_path, state):
 @pytest.fixture()
 def saved(tmp_path):
   # w is over OCDBT's 1 KiB inline limit, so it has a data file of its own.
-  tree = {"w": jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64),
-          "b": jnp.ones(4, jnp.bfloat16), "n": jnp.asarray(3, jnp.int32)}
+  tree = {
+    "w": jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64),
+    "b": jnp.ones(4, jnp.bfloat16),
+    "n": jnp.asarray(3, jnp.int32),
+  }
   with Checkpointer(tmp_path / "ck") as ck:
     ck.save(5, {"block_0": tree, "block_1": tree}, {"step": 5})
   return tmp_path / "ck", tree
@@ -258,7 +271,9 @@ def test_error_missing_directory(tmp_path):
 def test_error_missing_step_lists_available(saved):
   d, tree = saved
   with Checkpointer(d) as ck:
-    with pytest.raises(CheckpointError, match=rf"{d} step 6: does not exist; available steps: \[5\]"):
+    with pytest.raises(
+      CheckpointError, match=rf"{d} step 6: does not exist; available steps: \[5\]"
+    ):
       ck.restore(6, {"block_0": _abstract(tree)})
     with pytest.raises(CheckpointError, match=r"step 6: does not exist"):
       ck.restore_meta(6)
@@ -269,23 +284,40 @@ def test_error_missing_step_lists_available(saved):
 def test_error_missing_item(saved):
   d, tree = saved
   with Checkpointer(d) as ck:
-    with pytest.raises(CheckpointError,
-                       match=r"step 5: item 'block_9' is not in the checkpoint; available items: "
-                             r"\[block_0, block_1\]"):
+    with pytest.raises(
+      CheckpointError,
+      match=r"step 5: item 'block_9' is not in the checkpoint; available items: "
+      r"\[block_0, block_1\]",
+    ):
       ck.restore(5, {"block_9": _abstract(tree)})
     with pytest.raises(CheckpointError, match="reserved"):
       ck.restore(5, {"meta": {}})
 
 
-@pytest.mark.parametrize("change, pattern", [
-    (lambda a: {k: v for k, v in a.items() if k != "n"}, r"structure mismatch: stored but not in the target: \[n\]"),
+@pytest.mark.parametrize(
+  "change, pattern",
+  [
+    (
+      lambda a: {k: v for k, v in a.items() if k != "n"},
+      r"structure mismatch: stored but not in the target: \[n\]",
+    ),
     (lambda a: {**a, "z": a["w"]}, r"structure mismatch: in the target but not stored: \[z\]"),
     (lambda a: [a["b"], a["n"], a["w"]], r"structure mismatch"),
-    (lambda a: {**a, "w": jax.ShapeDtypeStruct((64, 32), jnp.float32)}, r"w: shape \(64, 32\) != stored \(64, 64\)"),
-    (lambda a: {**a, "w": jax.ShapeDtypeStruct((64, 64), jnp.bfloat16)}, r"w: dtype bfloat16 != stored float32"),
-    (lambda a: {**a, "n": jax.ShapeDtypeStruct((), jnp.float32)}, r"n: dtype float32 != stored int32"),
+    (
+      lambda a: {**a, "w": jax.ShapeDtypeStruct((64, 32), jnp.float32)},
+      r"w: shape \(64, 32\) != stored \(64, 64\)",
+    ),
+    (
+      lambda a: {**a, "w": jax.ShapeDtypeStruct((64, 64), jnp.bfloat16)},
+      r"w: dtype bfloat16 != stored float32",
+    ),
+    (
+      lambda a: {**a, "n": jax.ShapeDtypeStruct((), jnp.float32)},
+      r"n: dtype float32 != stored int32",
+    ),
     (lambda a: {**a, "n": 3}, r"n: target leaf is a int"),
-])
+  ],
+)
 def test_error_target_mismatch(saved, change, pattern):
   d, tree = saved
   with Checkpointer(d) as ck:
@@ -327,8 +359,11 @@ def test_error_silently_corrupted_data_is_caught(tmp_path):
   b[len(b) // 2] ^= 0xFF
   f.write_bytes(bytes(b))
   with Checkpointer(tmp_path) as ck:
-    with pytest.raises(CheckpointError, match=r"step 1: item 'a' leaf w does not match the digest "
-                                              r"recorded at save time \(corrupted"):
+    with pytest.raises(
+      CheckpointError,
+      match=r"step 1: item 'a' leaf w does not match the digest "
+      r"recorded at save time \(corrupted",
+    ):
       ck.restore(1, {"a": _abstract(tree)})
 
 
