@@ -118,6 +118,23 @@ class SkippedStep(Honest):
 
 
 @dataclasses.dataclass
+class EditedUnitMidRun(Honest):
+  """After `step`, silently edits one unit's parameters inside a step block (never committed)."""
+  step: int
+  unit: str  # e.g. "layer_0"
+  scale: float = 0.05
+
+  def after_step(self, step, old_params, old_opt_states, new_params, new_opt_states, trace):
+    if step != self.step:
+      return new_params, new_opt_states, trace
+    new_params = list(new_params)
+    for k, block in enumerate(new_params):
+      if self.unit in block:
+        new_params[k] = {**block, self.unit: perturb(block[self.unit], self.scale, seed=step)}
+    return new_params, new_opt_states, trace
+
+
+@dataclasses.dataclass
 class DuplicatedStep(Honest):
   """Applies the update of `step` twice (same batch, same key); records the first step's trace."""
   step: int

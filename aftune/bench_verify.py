@@ -39,7 +39,7 @@ def block_shares(job: job_lib.Job, steps: int = 3) -> tuple[list[float], float]:
     x, vjps, fwd = batch["tokens"], [], []
     for k in range(n):
       t0 = time.perf_counter()
-      x, vjp = sync(step_lib.block_fwd(specs[k], params[k], frozen[k], x, batch, key))
+      x, vjp, _ = sync(step_lib.block_fwd(specs[k], params[k], frozen[k], x, batch, key))
       times[k] += time.perf_counter() - t0
       vjps.append(vjp)
     ct, grads = step_lib.loss_seed(x), [None] * n

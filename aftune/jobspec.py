@@ -85,7 +85,7 @@ def block_fingerprint(spec: grid_lib.BlockSpec, opt_cfg: optim.OptimConfig, para
   """
   out = {f"block_fwd/{spec.index}": step_lib.block_fwd.lower(spec, params, frozen, x_in, batch,
                                                                key).as_text()}
-  y, vjp = jax.eval_shape(step_lib.block_fwd, spec, params, frozen, x_in, batch, key)
+  y, vjp, _ = jax.eval_shape(step_lib.block_fwd, spec, params, frozen, x_in, batch, key)
   g, _ = jax.eval_shape(step_lib.block_bwd, vjp, y)
   out[f"block_bwd/{spec.index}"] = step_lib.block_bwd.lower(vjp, y).as_text()
   out[f"block_sq_norms/{spec.index}"] = step_lib.block_sq_norms.lower(g).as_text()
@@ -135,7 +135,8 @@ def make_grid(job: job_lib.Job) -> trace.Grid:
   return trace.Grid(num_steps=job.num_steps, steps_per_block=int(a.steps_per_block),
                     num_layer_blocks=job.blocked.num_blocks, units_per_block=int(a.units_per_block),
                     checkpoint_interval=int(a.checkpoint_interval),
-                    activation_interval=int(a.activation_interval))
+                    activation_interval=int(a.activation_interval),
+                    num_units=len(job.model_cfg.unit_names))
 
 
 def build_job_spec(job: job_lib.Job) -> dict[str, Any]:

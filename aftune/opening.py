@@ -120,7 +120,7 @@ class Provider:
       fwd = tensorfile.read(recorder.step_file(self.workdir, t, "fwd"))
       _, batch = self.job.batch(t)
       x_in = batch["tokens"] if k == 0 else fwd[f"fwd_out/{k - 1}"]
-      y, vjp = step_lib.block_fwd(spec, p, frozen, x_in, batch, self.job.step_key(t))
+      y, vjp, _ = step_lib.block_fwd(spec, p, frozen, x_in, batch, self.job.step_key(t))
       ct = step_lib.loss_seed(y) if last else tensorfile.read(
           recorder.step_file(self.workdir, t, "bwd"))[f"bwd_in/{k}"]
       grads, _ = step_lib.block_bwd(vjp, ct)
@@ -213,6 +213,7 @@ class Provider:
       self._check("batch", t, -1, hashing.hash_batch(batch), "batch")
       tensors.update({f"step/{t}/batch/{key}": v for key, v in batch.items()})
       leaves += [self.leaf_entry("batch", t, -1), self.leaf_entry("step_key", t, -1)]
+      leaves += [self.leaf_entry("unit_out", t, u) for u in g.inner_units if g.block_of_unit(u) == k]
       tree = self.dataset_tree()
       examples[str(t)] = [[h.hex() for h in tree.inclusion_proof(int(i))] for i in indices]
 

@@ -175,8 +175,9 @@ class Recorder:
                    tr: Any) -> None:
     t_wait = time.perf_counter()
     # Blocks until the step has been computed: waiting, not recording work.
-    fwd, bwd, partials, loss, g_norm, batch = jax.device_get(
-        (tr.fwd_out, tr.bwd_in, tr.sq_norm_partials, tr.loss, tr.grad_norm, dict(batch)))
+    fwd, bwd, partials, loss, g_norm, batch, units = jax.device_get(
+        (tr.fwd_out, tr.bwd_in, tr.sq_norm_partials, tr.loss, tr.grad_norm, dict(batch),
+         tr.unit_out))
     t0 = time.perf_counter()
     self.timings["fetch_s"] += t0 - t_wait
     loss, g_norm = np.asarray(loss), np.asarray(g_norm)
@@ -193,6 +194,7 @@ class Recorder:
         "bwd_in": [hashing.hash_array(x) for x in bwd],
         "sq_norms": [hashing.hash_array(x) for x in partials],
     }
+    unit_h = [hashing.hash_array(x) for block_units in units for x in block_units]
     t1 = time.perf_counter()
     self.timings["hash_s"] += t1 - t0
     k_count = self.grid.num_layer_blocks
@@ -208,6 +210,8 @@ class Recorder:
     for kind in trace.BLOCK_KINDS:
       for k in range(k_count):
         self._append(kind, step, k, block_h[kind][k])
+    for u, h in zip(self.grid.inner_units, unit_h, strict=True):
+      self._append("unit_out", step, u, h)
 
   def _emit_root(self, step: int) -> None:
     """Signs the root of every leaf before `step` (periodic: history cannot be rewritten)."""

@@ -40,27 +40,40 @@ def positions_from_mask(attn_mask_BxT: jax.Array) -> jax.Array:
 
 
 def block_forward(spec: grid.BlockSpec, params: PyTree, frozen: PyTree, x_in: jax.Array,
-                  batch: Batch, step_key: jax.Array | None) -> jax.Array:
-  """Pure forward of one layer block: its output boundary (the loss for the last block)."""
+                  batch: Batch, step_key: jax.Array | None) -> tuple[jax.Array, list[jax.Array]]:
+  """Pure forward of one layer block.
+
+  Returns:
+    (its output boundary: the loss for the last block; the outputs of its inner units,
+    i.e. of every unit but the last, which the recorder commits so that a failing
+    replay can be located to the unit).
+  """
   ctx = {"positions": positions_from_mask(batch["attn_mask"]), "attn_mask": batch["attn_mask"]}
   x = x_in
+  inner = []
   for name, unit_index, graphdef in zip(spec.unit_names, spec.unit_indices, spec.graphdefs):
+    if name != spec.unit_names[0]:
+      inner.append(x)
     unit = nnx.merge(graphdef, params[name], frozen[name])
     # Dropout keys depend on (step, unit), never on how units are grouped into blocks.
     unit_key = None if step_key is None else jax.random.fold_in(step_key, unit_index)
     x = unit(x, {**ctx, "key": unit_key})
   if spec.is_last:
     x = model_lib.masked_cross_entropy(x, batch["targets"], batch["loss_mask"])
-  return x
+  return x, inner
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def block_fwd(spec: grid.BlockSpec, params: PyTree, frozen: PyTree, x_in: jax.Array, batch: Batch,
               step_key: jax.Array | None):
-  """Forward of one block, returning (output boundary, VJP closure over its residuals)."""
+  """Forward of one block: (output boundary, VJP closure over its residuals, inner unit outputs)."""
   if spec.is_first:  # token ids have no cotangent
-    return jax.vjp(lambda p: block_forward(spec, p, frozen, x_in, batch, step_key), params)
-  return jax.vjp(lambda p, x: block_forward(spec, p, frozen, x, batch, step_key), params, x_in)
+    y, vjp, inner = jax.vjp(lambda p: block_forward(spec, p, frozen, x_in, batch, step_key), params,
+                            has_aux=True)
+  else:
+    y, vjp, inner = jax.vjp(lambda p, x: block_forward(spec, p, frozen, x, batch, step_key), params,
+                            x_in, has_aux=True)
+  return y, vjp, inner
 
 
 @jax.jit
@@ -95,6 +108,7 @@ class StepTrace:
   """Everything one blocked step exposes to the recorder (device arrays, not yet fetched)."""
   loss: jax.Array
   fwd_out: list[jax.Array]  # [num_blocks]; last is the loss
+  unit_out: list[list[jax.Array]]  # [num_blocks][inner units]: outputs of all but the last unit
   bwd_in: list[jax.Array]  # [num_blocks]; cotangent entering block k from above
   sq_norm_partials: list[jax.Array]  # [num_blocks] of f32[num_leaves_k]
   grad_norm: jax.Array
@@ -116,11 +130,12 @@ def blocked_step(specs: Sequence[grid.BlockSpec], opt_cfg: optim.OptimConfig,
     (new params, new opt states, StepTrace).
   """
   x = batch["tokens"]
-  fwd_out, vjps = [], []
+  fwd_out, vjps, unit_out = [], [], []
   for spec, p, f in zip(specs, params, frozen):
-    x, vjp = block_fwd(spec, p, f, x, batch, step_key)
+    x, vjp, inner = block_fwd(spec, p, f, x, batch, step_key)
     fwd_out.append(x)
     vjps.append(vjp)
+    unit_out.append(inner)
   n = len(specs)
   bwd_in: list[Any] = [None] * n
   grads: list[Any] = [None] * n
@@ -136,7 +151,7 @@ def blocked_step(specs: Sequence[grid.BlockSpec], opt_cfg: optim.OptimConfig,
     p, o = block_update(opt_cfg, p, o, g, g_norm)
     new_params.append(p)
     new_opt.append(o)
-  return new_params, new_opt, StepTrace(fwd_out[-1], fwd_out, bwd_in, partials, g_norm)
+  return new_params, new_opt, StepTrace(fwd_out[-1], fwd_out, unit_out, bwd_in, partials, g_norm)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -152,7 +167,7 @@ def plain_step(specs: tuple[grid.BlockSpec, ...], opt_cfg: optim.OptimConfig,
   def loss_fn(all_params):
     x = batch["tokens"]
     for spec, p, f in zip(specs, all_params, frozen):
-      x = block_forward(spec, p, f, x, batch, step_key)
+      x, _ = block_forward(spec, p, f, x, batch, step_key)
     return x
 
   loss, grads = jax.value_and_grad(loss_fn)(params)

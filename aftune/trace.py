@@ -8,6 +8,8 @@ provider cannot commit two values for one (kind, step, layer block)):
     if t % B_S == 0:    params[k], opt_state[k]       (k = 0..K-1; state at step t)
                         indices, batch, step_key, loss, grad_norm      (block -1)
                         fwd_out[k], bwd_in[k], sq_norms[k]             (k = 0..K-1)
+                        unit_out[u]   (u: every unit but the last of its block, in order;
+                                       the leaf's block field holds the unit index u)
   at T:                 params[k], opt_state[k]       (the final state)
 
 On disk, `trace/leaves.bin` holds one fixed-size record per leaf: kind id (u8), step
@@ -31,7 +33,8 @@ GLOBAL_KINDS = ("indices", "batch", "step_key", "loss", "grad_norm")
 BLOCK_KINDS = ("fwd_out", "bwd_in", "sq_norms")
 # Inference records (aftune/inference.py): appended, so training kind ids never change.
 INFERENCE_KINDS = ("inf_spec", "tokens", "sample_key", "inf_out")
-KINDS = JOB_KINDS + STATE_KINDS + GLOBAL_KINDS + BLOCK_KINDS + INFERENCE_KINDS
+UNIT_KINDS = ("unit_out",)  # inner-unit outputs: locate a failing replay to the unit
+KINDS = JOB_KINDS + STATE_KINDS + GLOBAL_KINDS + BLOCK_KINDS + INFERENCE_KINDS + UNIT_KINDS
 _KIND_ID = {k: i for i, k in enumerate(KINDS)}
 
 RECORD = struct.Struct("<Bqq32s")
@@ -50,12 +53,16 @@ class Grid:
   units_per_block: int  # B_L
   checkpoint_interval: int = 1  # I_C, in step blocks
   activation_interval: int = 1  # I_A, in layer blocks
+  num_units: int = 0  # units of the model; 0: no unit_out leaves
 
   def __post_init__(self):
     for name in ("num_steps", "steps_per_block", "num_layer_blocks", "units_per_block",
                  "checkpoint_interval", "activation_interval"):
       if getattr(self, name) < 1:
         raise ValueError(f"grid {name} must be >= 1, got {getattr(self, name)}")
+    if self.num_units and -(-self.num_units // self.units_per_block) != self.num_layer_blocks:
+      raise ValueError(f"{self.num_units} units in blocks of {self.units_per_block} do not make "
+                       f"{self.num_layer_blocks} layer blocks")
 
   @property
   def num_step_blocks(self) -> int:
@@ -79,8 +86,17 @@ class Grid:
   def is_checkpoint_step(self, step: int) -> bool:
     return step % self.checkpoint_every_steps == 0 or step == self.num_steps
 
+  @property
+  def inner_units(self) -> tuple[int, ...]:
+    """Units whose output is not a block boundary (all but the last unit of each block)."""
+    b_l = self.units_per_block
+    return tuple(u for u in range(self.num_units) if u % b_l != b_l - 1 and u != self.num_units - 1)
+
+  def block_of_unit(self, unit: int) -> int:
+    return unit // self.units_per_block
+
   def _per_step(self) -> int:
-    return len(GLOBAL_KINDS) + len(BLOCK_KINDS) * self.num_layer_blocks
+    return len(GLOBAL_KINDS) + len(BLOCK_KINDS) * self.num_layer_blocks + len(self.inner_units)
 
   def offset(self, step: int) -> int:
     """Index of the first leaf of `step` (0 <= step <= T): the leaf count before it."""
@@ -115,6 +131,10 @@ class Grid:
       if not 0 <= block < k_count:
         raise ValueError(f"block {block} outside 0..{k_count - 1}")
       return base + len(GLOBAL_KINDS) + BLOCK_KINDS.index(kind) * k_count + block
+    if kind == "unit_out":
+      if block not in self.inner_units:
+        raise ValueError(f"unit {block} has no unit_out leaf (inner units: {self.inner_units})")
+      return base + len(GLOBAL_KINDS) + len(BLOCK_KINDS) * k_count + self.inner_units.index(block)
     raise ValueError(f"unknown leaf kind {kind!r}")
 
   def key_at(self, index: int) -> tuple[str, int, int]:
@@ -138,7 +158,9 @@ class Grid:
     if r < len(GLOBAL_KINDS):
       return (GLOBAL_KINDS[r], t, -1)
     r -= len(GLOBAL_KINDS)
-    return (BLOCK_KINDS[r // k_count], t, r % k_count)
+    if r < len(BLOCK_KINDS) * k_count:
+      return (BLOCK_KINDS[r // k_count], t, r % k_count)
+    return ("unit_out", t, self.inner_units[r - len(BLOCK_KINDS) * k_count])
 
   def keys(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, int, int]]:
     """(kind, step, block) of the leaves [start, stop) in Merkle order."""

@@ -376,7 +376,14 @@ def _replay(block_spec, opt_cfg, params, opt_state, frozen, bundle, grid, k, ste
   for t in steps:
     batch = {key: jnp.asarray(T[f"step/{t}/batch/{key}"]) for key in data_lib.BATCH_KEYS}
     x_in = batch["tokens"] if k == 0 else jnp.asarray(T[f"step/{t}/fwd_out/{k - 1}"])
-    y, vjp = step_lib.block_fwd(block_spec, params, frozen, x_in, batch, job_lib.step_key(seed, t))
+    y, vjp, inner = step_lib.block_fwd(block_spec, params, frozen, x_in, batch,
+                                       job_lib.step_key(seed, t))
+    if chk.mode == "exact" and grid.num_units:
+      # Units in order: the first whose output leaves the record locates the failure.
+      for u, name, out in zip(block_spec.unit_indices, block_spec.unit_names, inner):
+        chk.require(hashing.hash_array(np.asarray(out)) == committed("unit_out", t, u), "fwd_out",
+                    f"step {t}: the output of unit {name} (in block {k}) differs from the "
+                    "committed one", t, [name])
     what = "loss" if last else f"output activation of block {k}"
     chk.compare("loss" if last else "fwd_out", y, T[f"step/{t}/fwd_out/{k}"],
                 committed("fwd_out", t, k), t, what)

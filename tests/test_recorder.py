@@ -24,14 +24,17 @@ from test_train import small_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("num_steps,b_s,k", [(12, 4, 3), (10, 4, 2), (1, 1, 1), (7, 3, 5)])
-def test_layout_positions_are_a_bijection(num_steps, b_s, k):
-  grid = trace.Grid(num_steps, b_s, k, 2)
+@pytest.mark.parametrize("num_steps,b_s,k,units", [(12, 4, 3, 5), (10, 4, 2, 4), (1, 1, 1, 1),
+                                                   (7, 3, 5, 9)])
+def test_layout_positions_are_a_bijection(num_steps, b_s, k, units):
+  grid = trace.Grid(num_steps, b_s, k, 2, num_units=units)
   keys = [grid.key_at(i) for i in range(grid.num_leaves)]
   assert len(set(keys)) == grid.num_leaves
   assert [grid.index(*key) for key in keys] == list(range(grid.num_leaves))
   n_state_steps = len([t for t in range(num_steps + 1) if grid.is_state_step(t)])
-  assert grid.num_leaves == 1 + num_steps * (5 + 3 * k) + n_state_steps * 2 * k
+  inner = len(grid.inner_units)  # every unit but the last of each block
+  assert inner == units - k
+  assert grid.num_leaves == 1 + num_steps * (5 + 3 * k + inner) + n_state_steps * 2 * k
   with pytest.raises(ValueError):
     grid.index("params", 1, 0) if b_s > 1 else grid.index("loss", num_steps, -1)
 
@@ -63,7 +66,7 @@ def recorded(tmp_path_factory):
 def test_recorded_run_has_a_signed_commitment_over_the_whole_trace(recorded):
   workdir, result = recorded
   summary = integrity.check_workdir(workdir)
-  grid = trace.Grid(12, 2, 3, 2, 2, 1)  # 2 layers + 3 units = 5 units in blocks of 2
+  grid = trace.Grid(12, 2, 3, 2, 2, 1, num_units=5)  # 2 layers + 3 units, in blocks of 2
   assert summary["num_leaves"] == grid.num_leaves
   assert summary["signed_roots"] == 4  # steps 0, 4, 8, 12
   doc = json.loads((workdir / "commitment.json").read_text())

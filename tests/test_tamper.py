@@ -155,6 +155,22 @@ def test_skipped_step_in_mid_block_is_caught_at_the_next_step(run, agreed):
                 {(0, 1): ("fwd_out", 3), (1, 1): ("fwd_out", 3), (2, 1): ("loss", 3)})
 
 
+def test_a_unit_edited_mid_block_is_located_to_that_unit(run, agreed):
+  # Step 2 is the first step of step block 1; the edit after it shows at step 3. In
+  # block 0 = [embed, layer_0], embed's output still matches; layer_0's is the block's
+  # output. With B_L=3, block 0 = [embed, layer_0, layer_1] and layer_0 is inside it.
+  workdir = run("unit_mid", attacks.EditedUnitMidRun(step=2, unit="layer_0"),
+                **{"audit.units_per_block": 3})
+  spec = json.loads((workdir / "trace" / "job_spec.json").read_text())
+  agreed3 = {f: spec[f] for f in verifier.AGREED_FIELDS}
+  reports = audit(workdir, agreed3, cells=[(0, 1), (1, 1), (0, 0), (0, 2)])
+  assert not reports[(0, 1)].passed
+  assert (reports[(0, 1)].check, reports[(0, 1)].step, reports[(0, 1)].where) == (
+      "fwd_out", 3, ["layer_0"])
+  assert "unit layer_0" in reports[(0, 1)].reason
+  assert reports[(0, 0)].passed
+
+
 def test_skipped_step_is_caught_when_the_provider_regenerates(run):
   tamper = attacks.SkippedStep(3)
   workdir = run("skip_sparse", tamper, **{"audit.checkpoint_interval": 2})  # ckpts 0, 4, 8
