@@ -48,7 +48,8 @@ def draw(commitment: dict[str, Any], strategy: str, *, m: int | None = None, k: 
 def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str, Any],
                     challenge: challenge_lib.Challenge | None, agreed: dict[str, Any] | None,
                     mode: str = "exact", tolerances: dict[str, float] | None = None,
-                    expected_model_hash: str | None = None) -> dict[str, Any]:
+                    expected_model_hash: str | None = None,
+                    request: dict[str, Any] | None = None) -> dict[str, Any]:
   """Verifies every bundle (training or inference cells) and assembles the verdict.
 
   Args:
@@ -58,7 +59,9 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
     agreed: the agreed job-spec fields, or None (training).
     mode: "exact" or "tolerance".
     tolerances: overrides of verifier.TOLERANCES.
-    expected_model_hash: inference: the model the client was promised, or None.
+    expected_model_hash: inference: the model the client was promised, or None (its
+      architecture comes from `agreed`, when given).
+    request: inference: the prompts and settings the client sent, or None.
 
   Returns:
     The verdict document.
@@ -73,8 +76,9 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
     seen.add(b.cell)
     if b.is_inference:
       reports.append(inference_audit.verify_inference_bundle(
-          b, commitment=commitment, expected_model_hash=expected_model_hash, challenge=challenge,
-          mode=mode, tolerances=tolerances))
+          b, commitment=commitment, expected_model_hash=expected_model_hash,
+          expected_model_config=agreed["hyperparameters"]["model"] if agreed else None,
+          expected_request=request, challenge=challenge, mode=mode, tolerances=tolerances))
     else:
       reports.append(verifier.verify_bundle(b, commitment=commitment, agreed=agreed,
                                             challenge=challenge, mode=mode, tolerances=tolerances))
@@ -138,14 +142,19 @@ def write_verdict(verdict: dict[str, Any], json_path: str | Path, md_path: str |
     Path(md_path).write_text(render_markdown(verdict))
 
 
-def load_agreed(path: str | Path) -> dict[str, Any]:
+def load_json(path: str | Path) -> Any:
+  """A JSON input of the verifier; a missing or malformed file is an AuditInputError."""
   path = Path(path)
   try:
-    doc = json.loads(path.read_text())
+    return json.loads(path.read_text())
   except FileNotFoundError:
-    raise verifier.AuditInputError(f"{path}: agreed job spec missing") from None
+    raise verifier.AuditInputError(f"{path}: missing") from None
   except json.JSONDecodeError as e:
     raise verifier.AuditInputError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_agreed(path: str | Path) -> dict[str, Any]:
+  doc = load_json(path)
   missing = [f for f in verifier.AGREED_FIELDS if f not in doc]
   if missing:
     raise verifier.AuditInputError(f"{path}: lacks the agreed fields {missing}")

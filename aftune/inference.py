@@ -135,24 +135,41 @@ def load_from_training(workdir: str | Path, *, units_per_block: int | None = Non
                      job.tokenizer, job.template)
 
 
-def program_fingerprint(blocked: grid_lib.BlockedParams, ids: np.ndarray, mask: np.ndarray,
-                        max_total_len: int) -> dict[str, str]:
-  """Hashes of the lowered prefill/decode program of every block for these shapes."""
-  out = {}
-  x = jax.numpy.asarray(ids)
-  for spec, p, f in zip(blocked.specs, blocked.trainable, blocked.frozen):
-    ctx = gen_lib.prefill_ctx(mask)
-    out[f"block_prefill/{spec.index}"] = gen_lib.block_prefill.lower(
-        spec, p, f, x, ctx, max_total_len).as_text()
-    y, cache = jax.eval_shape(gen_lib.block_prefill, spec, p, f, x, ctx, max_total_len)
-    if max_total_len > ids.shape[1]:
-      x1 = (jax.ShapeDtypeStruct((ids.shape[0], 1), np.int32) if spec.index == 0 else
-            jax.ShapeDtypeStruct((ids.shape[0], 1) + tuple(x.shape[2:]), x.dtype))
-      out[f"block_decode/{spec.index}"] = gen_lib.block_decode.lower(
-          spec, p, f, x1, cache, gen_lib.decode_ctx(mask, 1, max_total_len)).as_text()
-    x = y
+def block_program_fingerprint(spec: grid_lib.BlockSpec, params: PyTree, frozen: PyTree,
+                              x_in: Any, mask: np.ndarray, max_total_len: int) -> dict[str, str]:
+  """Hashes of one block's lowered prefill and decode programs for these shapes."""
+  params, frozen, x_in = jobspec.abstract((params, frozen, x_in))
+  ctx = jobspec.abstract(gen_lib.prefill_ctx(mask))
+  out = {f"block_prefill/{spec.index}": gen_lib.block_prefill.lower(
+      spec, params, frozen, x_in, ctx, max_total_len).as_text()}
+  if max_total_len > mask.shape[1]:
+    _, cache = jax.eval_shape(gen_lib.block_prefill, spec, params, frozen, x_in, ctx, max_total_len)
+    b = mask.shape[0]
+    x1 = (jax.ShapeDtypeStruct((b, 1), np.int32) if spec.index == 0 else
+          jax.ShapeDtypeStruct((b, 1) + tuple(x_in.shape[2:]), x_in.dtype))
+    out[f"block_decode/{spec.index}"] = gen_lib.block_decode.lower(
+        spec, params, frozen, x1, cache,
+        jobspec.abstract(gen_lib.decode_ctx(mask, 1, max_total_len))).as_text()
   return {k: hashing.hexdigest(hashing.hash_bytes(b"aftune/v1/program", v.encode()))
           for k, v in out.items()}
+
+
+_FINGERPRINTS: dict[Any, dict[str, str]] = {}
+
+
+def program_fingerprint(blocked: grid_lib.BlockedParams, ids: np.ndarray, mask: np.ndarray,
+                        max_total_len: int) -> dict[str, str]:
+  """Program hashes of every block for these shapes (cached: lowering is per shape, not batch)."""
+  shapes = lambda tree: tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(tree))
+  key = (blocked.specs, shapes(blocked.trainable), shapes(blocked.frozen), ids.shape, max_total_len)
+  if key not in _FINGERPRINTS:
+    out, x = {}, jax.numpy.asarray(ids)
+    for spec, p, f in zip(blocked.specs, blocked.trainable, blocked.frozen):
+      out.update(block_program_fingerprint(spec, p, f, x, mask, max_total_len))
+      x, _ = jax.eval_shape(gen_lib.block_prefill, spec, p, f, x, gen_lib.prefill_ctx(mask),
+                            max_total_len)
+    _FINGERPRINTS[key] = out
+  return dict(_FINGERPRINTS[key])
 
 
 class InferenceRecorder:

@@ -113,6 +113,8 @@ class InferenceProvider:
 
 def verify_inference_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, Any],
                             expected_model_hash: str | None = None,
+                            expected_model_config: dict[str, Any] | None = None,
+                            expected_request: dict[str, Any] | None = None,
                             challenge: challenge_lib.Challenge | None = None, mode: str = "exact",
                             tolerances: dict[str, float] | None = None,
                             check_environment: bool = True) -> verifier.CellReport:
@@ -123,6 +125,11 @@ def verify_inference_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, 
     commitment: the client's copy of the signed inference commitment.
     expected_model_hash: the model the client was promised (the final model hash of
       the audited training job, or a declared hash); None to skip.
+    expected_model_config: the promised architecture (the agreed job spec's
+      hyperparameters.model): the weights alone do not fix the computation (dtype, eps,
+      RoPE); None to skip.
+    expected_request: what the client sent: {"prompts": [[ids]...], "settings": {...}}
+      (settings: any subset of ServeSettings fields); None to skip.
     challenge: the challenge the cell answers, or None.
     mode: "exact" (bitwise) or "tolerance".
     tolerances: overrides of verifier.TOLERANCES (fwd_out for activations, loss for logits).
@@ -150,6 +157,9 @@ def verify_inference_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, 
                                      f"in {diff} (or use --mode=tolerance)")
   try:
     _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
+    _check_promises(m["spec"], expected_model_config, expected_request, chk)
+    if mode == "exact":
+      _check_programs(bundle, grid, chk)
     auth_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     _replay(bundle, grid, chk, mode)
@@ -183,6 +193,11 @@ def _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
     chk.require(spec["model_hash"] == expected_model_hash, "model",
                 f"served model {spec['model_hash'][:16]}… is not the promised model "
                 f"{expected_model_hash[:16]}… (another model at serving time)")
+  chk.require(inference.InferenceGrid.from_dict(spec["grid"]) == grid, "spec",
+              "the inference spec's grid is not the committed grid")
+  chk.require(grid.num_steps <= int(spec["settings"]["max_new_tokens"]), "spec",
+              f"{grid.num_steps} generation steps committed, max_new_tokens is "
+              f"{spec['settings']['max_new_tokens']}")
   root, n = hashing.from_hex(commitment["merkle_root"]), commitment["num_leaves"]
   chk.require(n == grid.num_leaves, "commitment", "leaf count does not match the grid")
   leaves = {}
@@ -227,6 +242,40 @@ def _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
                     where=["/".join(comps)])
 
 
+def _check_promises(spec, model_config, request, chk) -> None:
+  if model_config is not None:
+    # Dropout is a training setting; everything else decides the served computation.
+    strip = lambda d: {key: v for key, v in d.items() if key != "dropout_rate"}
+    diff = sorted(key for key in set(spec["model"]) | set(model_config)
+                  if strip(spec["model"]).get(key) != strip(model_config).get(key))
+    chk.require(not diff, "model", f"the served architecture differs from the promised one in "
+                f"{diff}", where=diff)
+  if request is not None:
+    if "prompts" in request:
+      chk.require([list(map(int, p)) for p in request["prompts"]] == spec["prompts"], "spec",
+                  "the committed prompt batch is not the one the client sent")
+    for key, want in request.get("settings", {}).items():
+      got = spec["settings"].get(key)
+      chk.require(got == (list(want) if isinstance(want, tuple) else want), "spec",
+                  f"served with {key}={got!r}, the client asked for {want!r}")
+
+
+def _check_programs(bundle, grid, chk) -> None:
+  """The compiled prefill/decode of this block are the committed ones (same software)."""
+  m, (k, t) = bundle.manifest, bundle.cell
+  spec, T = m["spec"], bundle.tensors
+  cfg = model_lib.ModelConfig.from_dict(spec["model"])
+  block_spec, t_abs, f_abs = grid_lib.abstract_block(cfg, grid.units_per_block, k)
+  ids, mask = gen_lib.left_pad(spec["prompts"], int(spec["settings"]["pad_id"]))
+  x_in = jnp.asarray(ids) if k == 0 else jnp.asarray(T[f"out/0/{k - 1}"])
+  got = inference.block_program_fingerprint(block_spec, t_abs, f_abs, x_in, mask,
+                                            int(spec["max_total_len"]))
+  want = spec["program_fingerprint"]
+  diff = sorted(n for n, h in got.items() if want.get(n) != h)
+  chk.require(not diff, "program", f"this verifier's compiled programs differ from the committed "
+              f"fingerprint in {diff} (other software)")
+
+
 def _replay(bundle, grid, chk, mode) -> None:
   m, (k, t) = bundle.manifest, bundle.cell
   spec, T = m["spec"], bundle.tensors
@@ -268,3 +317,11 @@ def _replay(bundle, grid, chk, mode) -> None:
                   f"do not follow from the logits and the sampling rule (expected "
                   f"{want[rows].tolist()})", s, rows)
     done |= np.isin(T[f"tokens/{s}"], stop)
+    if last:  # the generation stops exactly when every row has finished, or at max_new_tokens
+      final = s == grid.num_steps - 1
+      early = [int(i) for i in np.nonzero(~done)[0]] if final else []
+      chk.require(not final or s + 1 == int(s_cfg["max_new_tokens"]) or not early, "token",
+                  f"the generation stopped after step {s} with rows {early} unfinished "
+                  f"(max_new_tokens {s_cfg['max_new_tokens']})", s, early)
+      chk.require(final or not done.all(), "token", f"every row had finished at step {s}, "
+                  "yet the generation went on", s)

@@ -75,6 +75,11 @@ def _program_hash(text: str) -> str:
   return hashing.hexdigest(hashing.hash_bytes(b"aftune/v1/program", text.encode()))
 
 
+def abstract(tree: PyTree) -> PyTree:
+  """Shape-and-dtype stand-ins (no sharding), so a fingerprint is independent of placement."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
 def block_fingerprint(spec: grid_lib.BlockSpec, opt_cfg: optim.OptimConfig, params: PyTree,
                       frozen: PyTree, opt_state: PyTree, x_in: Any, batch: Any,
                       key: jax.Array) -> tuple[dict[str, str], Any, Any]:
@@ -83,6 +88,9 @@ def block_fingerprint(spec: grid_lib.BlockSpec, opt_cfg: optim.OptimConfig, para
   Returns:
     ({name: hex}, abstract output boundary, abstract norm partials).
   """
+  # Shapes and dtypes only: where the arrays live (their sharding) is not the program.
+  params, frozen, opt_state, x_in, batch, key = abstract((params, frozen, opt_state, x_in, batch,
+                                                           key))
   out = {f"block_fwd/{spec.index}": step_lib.block_fwd.lower(spec, params, frozen, x_in, batch,
                                                                key).as_text()}
   y, vjp, _ = jax.eval_shape(step_lib.block_fwd, spec, params, frozen, x_in, batch, key)

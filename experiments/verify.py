@@ -26,6 +26,8 @@ _PUBLIC_KEY = flags.DEFINE_string("public_key", None, "Expected provider key (he
 _MODEL_HASH = flags.DEFINE_string("model_hash", None,
                                   "Inference: the promised model's hash (hex), e.g. the final "
                                   "model hash of the audited training job.")
+_REQUEST = flags.DEFINE_string("request", None, "Inference: the client's request JSON "
+                               '{"prompts": [[ids]...], "settings": {...}} to hold the spec to.')
 _TRAINING_COMMITMENT = flags.DEFINE_string(
     "training_commitment", None, "Inference: take the promised model from this signed training "
     "commitment (its final_model_hash).")
@@ -57,8 +59,10 @@ def main(argv):
     model_hash = _MODEL_HASH.value
     if _TRAINING_COMMITMENT.value:
       model_hash = audit.load_commitment(_TRAINING_COMMITMENT.value, _PUBLIC_KEY.value)["final_model_hash"]
+    request = audit.load_json(_REQUEST.value) if _REQUEST.value else None
     verdict = audit.verify_openings(paths, commitment=commitment, challenge=ch, agreed=agreed,
-                                    mode=_MODE.value, expected_model_hash=model_hash)
+                                    mode=_MODE.value, expected_model_hash=model_hash,
+                                    request=request)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
