@@ -121,6 +121,10 @@ def bench_record(config: ml_collections.ConfigDict, *, steps: int = 16, warmup: 
   # step blocks: report the amortised cost of that period.
   for cat in ("parameters", "optimizer_state"):
     per_step[cat] = storage["bytes"][cat] / max(n_ckpts, 1) / ckpt_every
+  # On disk, a checkpoint at step 0 (AdamW moments all zero) compresses away; the raw
+  # size of one checkpoint per period is the figure that holds for a whole run.
+  raw_per_step = {"parameters": sum(x.nbytes for x in jax.tree.leaves(p)) / ckpt_every,
+                  "optimizer_state": sum(x.nbytes for x in jax.tree.leaves(o)) / ckpt_every}
   _, tr_batch = batches[0]
   p0 = job.blocked.trainable
   _, _, tr = step_lib.blocked_step(specs, opt_cfg, p0, job.init_opt_states(), frozen, tr_batch, keys[0])
@@ -134,6 +138,7 @@ def bench_record(config: ml_collections.ConfigDict, *, steps: int = 16, warmup: 
       "recorded_over_blocked": bench.time_ratio(timings["recorded"], timings["blocked"]),
       "recorder_timings_s": dict(rec.timings),
       "bytes_per_step": per_step,
+      "checkpoint_raw_bytes_per_step": raw_per_step,
       "bytes_per_step_total": sum(per_step.values()),
       "hash_throughput_boundaries": hash_throughput(boundary),
       "hash_throughput_params": hash_throughput(params),
@@ -156,6 +161,8 @@ def format_record_bench(r: dict[str, Any]) -> str:
          f"recorder worker: {r['recorder_timings_s']}", "", "bytes stored per step:"]
   out += [f"  {k:16s} {bench.fmt_bytes(v)}" for k, v in r["bytes_per_step"].items()]
   out.append(f"  {'total':16s} {bench.fmt_bytes(r['bytes_per_step_total'])}")
+  out.append("  (checkpoints uncompressed, per step of their I_C period: " + ", ".join(
+      f"{k} {bench.fmt_bytes(v)}" for k, v in r["checkpoint_raw_bytes_per_step"].items()) + ")")
   for name in ("boundaries", "params"):
     h = r[f"hash_throughput_{name}"]
     out.append(f"hash throughput ({name}, {bench.fmt_bytes(h['bytes'])}): aftune {h['aftune_GBps']:.2f} GB/s, "
