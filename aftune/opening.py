@@ -67,6 +67,7 @@ class Provider:
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir / "checkpoints", create=False)
     self._dataset_tree: merkle.MerkleTree | None = None
     self._model_digests: list | None = None
+    self._last_state: dict[int, tuple[int, PyTree, PyTree]] = {}
 
   # ---- pieces ----------------------------------------------------------------------
 
@@ -105,7 +106,11 @@ class Provider:
     if not g.stores_boundary(k) or (k > 0 and not g.stores_boundary(k - 1)):
       return None
     start = max(s for s in self.checkpointer.all_steps() if s <= t0)
-    (p,), (o,) = train.restore_state(self.checkpointer, start, self.job, [k])
+    cached = self._last_state.get(k)
+    if cached is not None and start < cached[0] <= t0:  # continue the previous cell's replay
+      start, p, o = cached
+    else:
+      (p,), (o,) = train.restore_state(self.checkpointer, start, self.job, [k])
     spec, frozen = self.job.blocked.specs[k], self.job.blocked.frozen[k]
     last = k == g.num_layer_blocks - 1
     states = {}
@@ -125,6 +130,7 @@ class Provider:
           recorder.step_file(self.workdir, t, "bwd"))[f"bwd_in/{k}"]
       grads, _ = step_lib.block_bwd(vjp, ct)
       p, o = step_lib.block_update(self.job.opt_cfg, p, o, grads, fwd["grad_norm"])
+    self._last_state[k] = (t_end, p, o)  # one block state kept: cells come in step order
     return states
 
   def _replay(self, k: int, t0: int, t_end: int) -> tuple[dict, dict]:
@@ -240,7 +246,7 @@ class Provider:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k, s in cells:
+    for k, s in sorted(cells):  # in step order per block: each replay continues the last
       path = out_dir / bundle_lib.bundle_name(k, s)
       if path.exists():
         raise OpeningError(f"{path}: exists; refusing to overwrite an opening")
