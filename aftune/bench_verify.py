@@ -36,7 +36,7 @@ def block_shares(job: job_lib.Job, steps: int = 3) -> tuple[list[float], float]:
     _, batch = job.batch(t)
     key = job.step_key(t)
     times = [0.0] * n
-    x, vjps, fwd = batch["tokens"], [], []
+    x, vjps = batch["tokens"], []
     for k in range(n):
       t0 = time.perf_counter()
       x, vjp, _ = sync(step_lib.block_fwd(specs[k], params[k], frozen[k], x, batch, key))

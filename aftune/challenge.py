@@ -54,6 +54,7 @@ from typing import Any
 import blake3
 
 from aftune import hashing
+from aftune import signing
 
 FORMAT = "aftune/challenge"
 VERSION = 1
@@ -719,28 +720,12 @@ def _check_stored_guarantee(stored: Any, ours: Mapping[str, Any]) -> None:
       )
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for k, v in pairs:
-    if k in out:
-      raise ChallengeError(f"duplicate JSON key {k!r}")
-    out[k] = v
-  return out
-
-
-def _reject_constant(name: str) -> Any:
-  raise ChallengeError(f"{name} is not valid JSON")
-
-
 def _strict_loads(text: str | bytes) -> Any:
-  if isinstance(text, bytes):
-    try:
-      text = text.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise ChallengeError(f"not UTF-8: {e}") from None
   try:
-    return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
-  except json.JSONDecodeError as e:
+    return signing.strict_loads(text)
+  except UnicodeDecodeError as e:
+    raise ChallengeError(f"not UTF-8: {e}") from None
+  except ValueError as e:
     raise ChallengeError(f"invalid JSON: {e}") from None
 
 

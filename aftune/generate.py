@@ -291,6 +291,7 @@ def _loop(prefill_fn, decode_fn, prompts_tokens, *, max_new_tokens, temperature,
   stopped = np.zeros(b, bool)
   lengths = np.zeros(b, np.int64)
   emitted_all = []
+  emitted = np.zeros(b, np.int32)  # the tokens of the previous step (set at every step)
   logits, ins, outs = prefill_fn(jnp.asarray(ids), prefill_ctx(mask), s)
   for t in range(max_new_tokens):
     if t > 0:

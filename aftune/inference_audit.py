@@ -10,7 +10,6 @@ sampling settings, with rows that had already stopped emitting padding.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from aftune import jobspec
 from aftune import merkle
 from aftune import model as model_lib
 from aftune import opening
-from aftune import signing
 from aftune import tensorfile
 from aftune import verifier
 
@@ -172,17 +170,7 @@ def verify_inference_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, 
 
 def _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk) -> None:
   m, (k, t) = bundle.manifest, bundle.cell
-  try:
-    signing.verify_document(commitment)
-  except signing.SignatureError as e:
-    chk.require(False, "signature", f"the client's commitment: {e}")
-  chk.require(m["commitment"] == commitment, "commitment",
-              "the bundle carries another commitment than the client's (re-signed or rewritten)")
-  if challenge is not None:
-    chk.require(challenge.root == commitment["merkle_root"], "challenge",
-                "the commitment's root is not the one the challenge was drawn from")
-    chk.require((k, t) in {tuple(c) for c in challenge.cells}, "challenge", f"cell ({k}, {t}) was "
-                "not challenged")
+  verifier.check_commitment(bundle, commitment, challenge, chk)
   spec = m["spec"]
   spec_id = hashing.hash_json(spec)
   chk.require(spec_id.hex() == commitment["inference_id"], "spec",
@@ -198,20 +186,7 @@ def _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
   chk.require(grid.num_steps <= int(spec["settings"]["max_new_tokens"]), "spec",
               f"{grid.num_steps} generation steps committed, max_new_tokens is "
               f"{spec['settings']['max_new_tokens']}")
-  root, n = hashing.from_hex(commitment["merkle_root"]), commitment["num_leaves"]
-  chk.require(n == grid.num_leaves, "commitment", "leaf count does not match the grid")
-  leaves = {}
-  for e in m["leaves"]:
-    try:
-      index = grid.index(e["kind"], e["step"], e["block"])
-    except ValueError as err:
-      chk.require(False, "inclusion", f"revealed leaf {e['kind']}/{e['step']}/{e['block']}: {err}")
-    payload = bytes.fromhex(e["payload"])
-    leaf = merkle.leaf_hash(e["kind"], e["step"], e["block"], payload)
-    chk.require(merkle.verify_inclusion(leaf, index, n, [bytes.fromhex(h) for h in e["proof"]], root),
-                "inclusion", f"the inclusion proof of leaf ({e['kind']}, step {e['step']}, block "
-                f"{e['block']}) does not lead to the committed root", e["step"] if e["step"] >= 0 else None)
-    leaves[(e["kind"], e["step"], e["block"])] = payload
+  leaves = verifier.check_inclusion(m["leaves"], grid, commitment, chk)
   chk.require(leaves.get(("inf_spec", -1, -1)) == spec_id, "spec",
               "the inf_spec leaf does not carry the inference id")
   # What the cell needs, each under its own leaf (never trust the bundle's own list).
@@ -262,7 +237,7 @@ def _check_promises(spec, model_config, request, chk) -> None:
 
 def _check_programs(bundle, grid, chk) -> None:
   """The compiled prefill/decode of this block are the committed ones (same software)."""
-  m, (k, t) = bundle.manifest, bundle.cell
+  m, (k, _) = bundle.manifest, bundle.cell
   spec, T = m["spec"], bundle.tensors
   cfg = model_lib.ModelConfig.from_dict(spec["model"])
   block_spec, t_abs, f_abs = grid_lib.abstract_block(cfg, grid.units_per_block, k)

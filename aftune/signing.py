@@ -208,8 +208,15 @@ def _reject_constant(name: str) -> Any:
   raise ValueError(f"{name} is not valid JSON")
 
 
+def strict_loads(text: str | bytes) -> Any:
+  """Parses strict JSON: UTF-8, no duplicate keys, no NaN/Infinity (ValueError otherwise)."""
+  if isinstance(text, bytes):
+    text = text.decode("utf-8")  # UnicodeDecodeError is a ValueError
+  return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+
+
 def load_json_document(path: str | os.PathLike[str]) -> Any:
-  """Loads strict JSON (no duplicate keys, no NaN/Infinity) from a file.
+  """Loads strict JSON (see `strict_loads`) from a file.
 
   Args:
     path: JSON file.
@@ -222,12 +229,8 @@ def load_json_document(path: str | os.PathLike[str]) -> Any:
   """
   try:
     with open(path, "rb") as f:
-      return json.loads(
-        f.read().decode("utf-8"),
-        object_pairs_hook=_reject_duplicates,
-        parse_constant=_reject_constant,
-      )
-  except (OSError, UnicodeDecodeError, ValueError) as e:
+      return strict_loads(f.read())
+  except (OSError, ValueError) as e:
     raise ValueError(f"{os.fspath(path)}: {e}") from None
 
 

@@ -237,22 +237,48 @@ def _leaf(leaves, kind, t, j, chk) -> bytes:
   return payload
 
 
-def _authenticate(bundle, commitment, agreed, challenge, grid, chk: Checks) -> None:
-  m = bundle.manifest
+def check_commitment(bundle, commitment, challenge, chk: Checks) -> None:
+  """The client's commitment is validly signed, is the bundle's, and is the challenge's root."""
   k, s = bundle.cell
   try:
     signing.verify_document(commitment)
   except signing.SignatureError as e:
     chk.require(False, "signature", f"the client's commitment: {e}")
-  chk.require(m["commitment"] == commitment, "commitment",
+  chk.require(bundle.manifest["commitment"] == commitment, "commitment",
               "the bundle carries another commitment than the client's (re-signed or rewritten)")
-  root = hashing.from_hex(commitment["merkle_root"])
   if challenge is not None:
     chk.require(challenge.root == commitment["merkle_root"], "challenge",
                 "the commitment's root is not the one the challenge was drawn from "
                 "(commitment rewritten after the challenge)")
     chk.require((k, s) in {tuple(c) for c in challenge.cells}, "challenge",
                 f"cell ({k}, {s}) was not challenged")
+
+
+def check_inclusion(entries, grid, commitment, chk: Checks) -> dict[tuple[str, int, int], bytes]:
+  """Every revealed leaf proves its inclusion at the position its (kind, step, block) has
+  in the committed layout; returns (kind, step, block) -> payload."""
+  root, n = hashing.from_hex(commitment["merkle_root"]), commitment["num_leaves"]
+  chk.require(n == grid.num_leaves, "commitment", "leaf count does not match the grid")
+  leaves = {}
+  for e in entries:
+    try:
+      index = grid.index(e["kind"], e["step"], e["block"])
+    except ValueError as err:
+      chk.require(False, "inclusion", f"revealed leaf {e['kind']}/{e['step']}/{e['block']}: {err}")
+    payload = bytes.fromhex(e["payload"])
+    leaf = merkle.leaf_hash(e["kind"], e["step"], e["block"], payload)
+    proof = [bytes.fromhex(h) for h in e["proof"]]
+    chk.require(merkle.verify_inclusion(leaf, index, n, proof, root), "inclusion",
+                f"the inclusion proof of leaf ({e['kind']}, step {e['step']}, block {e['block']}) "
+                "does not lead to the committed root", e["step"] if e["step"] >= 0 else None)
+    leaves[(e["kind"], e["step"], e["block"])] = payload
+  return leaves
+
+
+def _authenticate(bundle, commitment, agreed, challenge, grid, chk: Checks) -> None:
+  m = bundle.manifest
+  k, s = bundle.cell
+  check_commitment(bundle, commitment, challenge, chk)
   spec = m["job_spec"]
   job_id = hashing.hash_json(spec)
   chk.require(job_id.hex() == commitment["job_id"], "job_spec",
@@ -262,19 +288,7 @@ def _authenticate(bundle, commitment, agreed, challenge, grid, chk: Checks) -> N
     chk.require(not diff, "job_spec", f"the job spec differs from what the client agreed in {diff}")
   chk.require(trace.Grid.from_dict(spec["grid"]) == grid, "job_spec",
               "the job spec's grid is not the committed grid")
-  n = commitment["num_leaves"]
-  chk.require(n == grid.num_leaves, "commitment", "leaf count does not match the grid")
-  for e in m["leaves"]:
-    try:
-      index = grid.index(e["kind"], e["step"], e["block"])
-    except ValueError as err:
-      chk.require(False, "inclusion", f"revealed leaf {e['kind']}/{e['step']}/{e['block']}: {err}")
-    leaf = merkle.leaf_hash(e["kind"], e["step"], e["block"], bytes.fromhex(e["payload"]))
-    proof = [bytes.fromhex(h) for h in e["proof"]]
-    chk.require(merkle.verify_inclusion(leaf, index, n, proof, root), "inclusion",
-                f"the inclusion proof of leaf ({e['kind']}, step {e['step']}, block {e['block']}) "
-                "does not lead to the committed root", e["step"] if e["step"] >= 0 else None)
-  leaves = {(e["kind"], e["step"], e["block"]): bytes.fromhex(e["payload"]) for e in m["leaves"]}
+  leaves = check_inclusion(m["leaves"], grid, commitment, chk)
   chk.require(leaves.get(("job_spec", -1, -1)) == job_id, "job_spec",
               "the job_spec leaf does not carry the job id")
   for e in m["tensors"]:

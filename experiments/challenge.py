@@ -15,7 +15,6 @@ from absl import flags
 
 from aftune import audit
 from aftune import challenge as challenge_lib
-from aftune import verifier
 
 _COMMITMENT = flags.DEFINE_string("commitment", None, "The provider's commitment.json.", required=True)
 _STRATEGY = flags.DEFINE_enum("strategy", "stratified",

@@ -1,6 +1,5 @@
 """Model behaviour that HF parity does not pin down: causality, padding, LoRA init."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

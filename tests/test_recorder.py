@@ -1,7 +1,6 @@
 """The recorder: layout, signed commitment, resume = uninterrupted root, corruption."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
