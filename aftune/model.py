@@ -86,6 +86,15 @@ class ModelConfig:
     return cls(**d)
 
 
+def unit_rank(name: str) -> int:
+  """Position of a unit in the model (jax sorts dict keys: "layer_10" < "layer_2")."""
+  if name == "embed":
+    return 0
+  if name.startswith("layer_"):
+    return 1 + int(name[len("layer_"):])
+  return {"final_norm": 1 << 30, "lm_head": (1 << 30) + 1}[name]
+
+
 class TiedEmbedding(nnx.Variable):
   """The embedding matrix as read by a tied LM head: never trainable on its own."""
 

@@ -1,12 +1,15 @@
 """Optimizers (optax) with clipping by a global norm that is summed in one canonical order.
 
 Clipping couples every layer block through one scalar, the global gradient norm. The
-blocked step, the single-jit step and the verifier must all get the same bits for it,
-so it is not optax's `clip_by_global_norm` (whose per-leaf sum order depends on the
-tree it sees) but: per leaf, the fp32 sum of squares; then one left-to-right chain of
-additions over all leaves of all blocks, in block order and, inside a block, in the
-`jax.tree_util` leaf order of its trainable tree. The per-leaf partial sums are what
-the recorder commits, so a verifier of one block can check its share.
+blocked step and the verifier of one block must get the same bits for it, so it is not
+optax's `clip_by_global_norm` (whose per-leaf sum order depends on the tree it sees)
+but: per leaf, the fp32 sum of squares; then one left-to-right chain of additions over
+all leaves in model order: units in their order in the model (`model.unit_rank`), and
+inside a unit the `jax.tree_util` leaf order of its parameters. The order does not
+depend on how units are grouped into blocks. The per-leaf partial sums are what the
+recorder commits, so a verifier of one block can check its share. (The single-jit
+baseline sums in the same order but XLA may round the squares differently inside one
+big program: docs/determinism.md.)
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+
+from aftune import model as model_lib
 
 PyTree = Any
 
@@ -76,11 +81,24 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def sq_norm_partials(grads: PyTree) -> jax.Array:
-  """fp32 sum of squares of every leaf, in tree-leaf order: f32[num_leaves]."""
-  leaves = jax.tree_util.tree_leaves(grads)
+  """fp32 sum of squares of every leaf: f32[num_leaves], units in model order.
+
+  Args:
+    grads: a block's gradients, {unit name: parameter tree} (any other tree: leaf order).
+  """
+  if isinstance(grads, dict) and grads and all(_is_unit(n) for n in grads):
+    leaves = [x for name in sorted(grads, key=model_lib.unit_rank)
+              for x in jax.tree_util.tree_leaves(grads[name])]
+  else:
+    leaves = jax.tree_util.tree_leaves(grads)
   if not leaves:
     return jnp.zeros((0,), jnp.float32)
   return jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves])
+
+
+def _is_unit(name: Any) -> bool:
+  return isinstance(name, str) and (name in ("embed", "final_norm", "lm_head")
+                                    or name.startswith("layer_"))
 
 
 def global_norm(partials: Sequence[jax.Array]) -> jax.Array:

@@ -30,6 +30,29 @@ def package_versions() -> dict[str, str]:
   return out
 
 
+def cpu_info() -> dict[str, Any]:
+  """CPU model and the vector extensions XLA may compile for (they can change the bits)."""
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return {"model": platform.processor() or "unknown", "isa": []}
+  fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  flags = set(fields.get("flags", "").split())
+  isa = sorted(f for f in flags if f.startswith(("avx", "fma", "amx", "sse4", "f16c", "bmi")))
+  return {"model": fields.get("model name", "unknown"), "isa": isa}
+
+
+def accelerator_packages() -> dict[str, str]:
+  """Versions of installed CUDA/ROCm/TPU plugin packages (jax-cuda*, nvidia-*, libtpu...)."""
+  out = {}
+  for dist in importlib.metadata.distributions():
+    name = (dist.metadata["Name"] or "").lower()
+    if name.startswith(("jax-cuda", "jax_cuda", "jax-rocm", "nvidia-", "libtpu")):
+      out[name] = dist.version
+  return dict(sorted(out.items()))
+
+
 def cpu_threads() -> int:
   """The CPU affinity XLA sees: it sets the intra-op thread count, which changes bits."""
   try:
@@ -54,6 +77,8 @@ def environment_manifest() -> dict[str, Any]:
       "threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
       "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
       "machine": platform.machine(),
+      "cpu": cpu_info(),
+      "accelerator_packages": accelerator_packages(),
   }
 
 

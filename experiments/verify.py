@@ -8,6 +8,7 @@ In exact mode the process pins itself to the recorded CPU thread count before JA
 (the thread count changes the bits of CPU matmuls: docs/determinism.md).
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ _BUNDLES = flags.DEFINE_string("bundles", None, "Directory of bundles.", require
 _AGREED = flags.DEFINE_string("agreed", None, "The agreed job-spec fields (experiments.agree).")
 _MODE = flags.DEFINE_enum("mode", "exact", ["exact", "tolerance"], "Bitwise or thresholds.")
 _PUBLIC_KEY = flags.DEFINE_string("public_key", None, "Expected provider key (hex).")
+_TOLERANCES = flags.DEFINE_string("tolerances", None, 'Tolerance mode thresholds as JSON, e.g. '
+                                  '\'{"fwd_out": 1e-4}\' (others keep their defaults).')
 _MODEL_HASH = flags.DEFINE_string("model_hash", None,
                                   "Inference: the promised model's hash (hex), e.g. the final "
                                   "model hash of the audited training job.")
@@ -41,6 +44,18 @@ def _pin_threads(paths):
   cpus = sorted(os.sched_getaffinity(0))
   if threads and threads <= len(cpus):
     os.sched_setaffinity(0, cpus[:threads])
+
+
+def _tolerances():
+  if not _TOLERANCES.value:
+    return None
+  try:
+    tol = json.loads(_TOLERANCES.value)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--tolerances: not valid JSON ({e})") from None
+  if not isinstance(tol, dict) or not all(isinstance(v, (int, float)) for v in tol.values()):
+    raise ValueError("--tolerances: a JSON object of kind -> number")
+  return {k: float(v) for k, v in tol.items()}
 
 
 def main(argv):
@@ -62,7 +77,7 @@ def main(argv):
     request = audit.load_json(_REQUEST.value) if _REQUEST.value else None
     verdict = audit.verify_openings(paths, commitment=commitment, challenge=ch, agreed=agreed,
                                     mode=_MODE.value, expected_model_hash=model_hash,
-                                    request=request)
+                                    request=request, tolerances=_tolerances())
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -108,16 +108,29 @@ def test_blocked_vs_plain_in_bf16_differs_only_by_rounding():
   assert diff < 5e-3
 
 
-def test_layer_block_size_does_not_change_the_computation():
-  # Dropout keys depend on (step, unit), and the norm is summed per leaf in one order,
-  # so how units are grouped into blocks is invisible in the result (fp32).
+def test_norm_partials_are_in_model_order_whatever_the_grouping():
+  # 12 layers: jax sorts "layer_10" before "layer_2"; the norm must not see that.
+  cfg = model_lib.ModelConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_layers=12,
+                              num_heads=2, num_kv_heads=1)
+  units = model_lib.build_units(cfg, seed=0)
+  flat = lambda bl: np.concatenate([np.asarray(optim.sq_norm_partials(t)) for t in bl.trainable])
+  by_1 = flat(grid.split_into_blocks(cfg, units, 1))
+  for b_l in (2, 3, 5, 15):
+    np.testing.assert_array_equal(flat(grid.split_into_blocks(cfg, units, b_l)), by_1)
+
+
+def test_layer_block_size_changes_the_bits_only_by_rounding():
+  # Dropout keys depend on (step, unit) and the norm's order on the model, not on B_L;
+  # but XLA fuses (and rounds) differently when units share a program, so B_L is part
+  # of the committed computation (the job spec's grid), docs/determinism.md.
   _, b1, opt_cfg = _setup(units_per_block=1)
   _, b3, _ = _setup(units_per_block=3)
   p1, _, l1 = _run(b1, opt_cfg, 3)
   p3, _, l3 = _run(b3, opt_cfg, 3)
-  np.testing.assert_array_equal(l1, l3)
+  np.testing.assert_allclose(l1, l3, rtol=1e-6)
   flat = lambda ps: {n: v for blk in ps for n, v in blk.items()}
-  assert _bitwise_equal(flat(p1), flat(p3))
+  for a, b in zip(jax.tree.leaves(flat(p1)), jax.tree.leaves(flat(p3))):
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_lora_trains_only_adapters_and_opt_state_only_holds_adapters():
