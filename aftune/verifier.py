@@ -50,14 +50,15 @@ AGREED_FIELDS = ("base_model_hash", "tokenizer_hash", "dataset_root", "num_examp
                  "hyperparameters", "seed", "prng_impl", "grid")
 
 # Tolerance mode: max over the tensor of |replay - revealed| / (max |revealed| + 1e-12),
-# per kind. Calibrated (docs/audit.md) from honest replays on 1 thread of runs recorded
-# on 2 (tiny config, with and without LR warmup): the worst honest errors were fwd_out
-# 6.0e-5, bwd_in 2.6e-7, sq_norms 1.5e-7, grad_norm 8.4e-8, loss 0, params 3.9e-5 (AdamW
-# turns tiny gradient differences into lr-sized steps), opt_state 4.9e-5. Thresholds sit
-# ~20x above the worst (loss, grad_norm: 100x); a job with another optimizer or scale should calibrate its own
-# (`experiments.verify --tolerances`), and the verdict publishes the ones used.
+# per kind. Calibrated (docs/audit.md, scripts/determinism_facts.py --part c) from honest
+# replays on 1 thread of runs recorded on 2 (tiny config, AdamW, with and without LR
+# warmup). Worst honest errors: fwd_out 6.0e-5, bwd_in 7.0e-6, loss 1.6e-7, sq_norms
+# 4.7e-6, grad_norm 1.1e-7, params 5.1e-4 (AdamW turns tiny gradient differences into
+# lr-sized steps), opt_state 4.9e-5. Thresholds sit 10-200x above them; a job with
+# another optimizer or scale should calibrate its own (`experiments.verify --tolerances`),
+# and the verdict publishes the ones used.
 TOLERANCES = {"fwd_out": 1e-3, "bwd_in": 1e-3, "loss": 1e-5, "sq_norms": 1e-3,
-              "grad_norm": 1e-5, "params": 1e-3, "opt_state": 1e-3}
+              "grad_norm": 1e-5, "params": 5e-3, "opt_state": 1e-3}
 
 
 class AuditInputError(ValueError):
