@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from aftune import checkpoint as ckpt_lib
+from aftune import data as data_lib
 from aftune import generate as gen_lib
 from aftune import grid as grid_lib
 from aftune import hashing
@@ -297,7 +298,6 @@ def read_prompts(path: str | Path, tokenizer: Any, template: Any) -> list[list[i
   JSONL lines hold {"prompt": text} or {"messages": [{role, content}, ...]}; each becomes
   the chat template's prompt up to and including the assistant header.
   """
-  from aftune import data as data_lib  # pylint: disable=g-import-not-at-top
   path = Path(path)
   try:
     lines = [l for l in path.read_text().splitlines() if l.strip()]

@@ -6,6 +6,7 @@ it are the ones that decide whether a replay can be bitwise (see docs/determinis
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -43,6 +44,7 @@ def cpu_info() -> dict[str, Any]:
   return {"model": fields.get("model name", "unknown"), "isa": isa}
 
 
+@functools.lru_cache(maxsize=1)  # scanning every installed distribution takes ~40 ms
 def accelerator_packages() -> dict[str, str]:
   """Versions of installed CUDA/ROCm/TPU plugin packages (jax-cuda*, nvidia-*, libtpu...)."""
   out = {}
@@ -78,7 +80,7 @@ def environment_manifest() -> dict[str, Any]:
       "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
       "machine": platform.machine(),
       "cpu": cpu_info(),
-      "accelerator_packages": accelerator_packages(),
+      "accelerator_packages": dict(accelerator_packages()),
   }
 
 
