@@ -104,3 +104,65 @@ def check_workdir(workdir: str | Path, *, tensors: bool = True) -> dict[str, Any
       n_files += 2
   return {"job_id": commitment["job_id"], "merkle_root": commitment["merkle_root"],
           "num_leaves": len(leaves), "signed_roots": n_roots, "step_files": n_files}
+
+
+HISTORY_FORMAT = "aftune-history/v1"
+
+
+def prove_history(workdir: str | Path) -> dict[str, Any]:
+  """The provider's proof that the final trace only appended to every periodic signed root.
+
+  Returns:
+    {"format", "job_id", "merkle_root", "num_leaves", "roots": [{"root_doc": the signed
+    periodic root, "proof": [hex] (RFC 9162 consistency proof to the final root)}]}.
+  """
+  workdir = Path(workdir)
+  commitment = load_commitment(workdir / "commitment.json")
+  _, leaves = load_leaves(workdir, commitment)
+  hashes = [l.hash() for l in leaves]
+  roots = []
+  for root_path in sorted((workdir / "trace" / "roots").glob("*.json")):
+    doc = signing.load_json_document(root_path)
+    proof = merkle.consistency_proof(hashes, doc["size"], len(hashes))
+    roots.append({"root_doc": doc, "proof": [h.hex() for h in proof]})
+  return {"format": HISTORY_FORMAT, "job_id": commitment["job_id"],
+          "merkle_root": commitment["merkle_root"], "num_leaves": len(hashes), "roots": roots}
+
+
+def verify_history(history: dict[str, Any], commitment: dict[str, Any],
+                   received_roots: list[dict[str, Any]] | None = None) -> list[str]:
+  """The client's check that history was not rewritten; returns the problems (empty: ok).
+
+  Every periodic root must be signed by the commitment's key, be for the same job, and
+  be a prefix of the final tree (consistency proof). `received_roots` are the signed
+  roots the client got during training: each must appear in the history, unchanged.
+  """
+  problems = []
+  key = commitment["signature"]["public_key"]
+  if (history.get("format") != HISTORY_FORMAT or history.get("job_id") != commitment["job_id"]
+      or history.get("merkle_root") != commitment["merkle_root"]
+      or history.get("num_leaves") != commitment["num_leaves"]):
+    return ["the history is for another job or final root than the commitment"]
+  final = hashing.from_hex(commitment["merkle_root"])
+  seen = set()
+  for entry in history.get("roots", []):
+    doc = entry["root_doc"]
+    try:
+      signing.verify_document(doc, key)
+    except signing.SignatureError as e:
+      problems.append(f"root at step {doc.get('step')}: {e}")
+      continue
+    if doc.get("job_id") != commitment["job_id"]:
+      problems.append(f"root at step {doc.get('step')}: signed for another job")
+      continue
+    proof = [bytes.fromhex(h) for h in entry["proof"]]
+    if not merkle.verify_consistency(doc["size"], commitment["num_leaves"],
+                                     hashing.from_hex(doc["root"]), final, proof):
+      problems.append(f"root at step {doc['step']} ({doc['size']} leaves): the final trace does "
+                      "not extend it (history rewritten)")
+    seen.add(hashing.canonical_json_bytes(doc))
+  for doc in received_roots or []:
+    if hashing.canonical_json_bytes(doc) not in seen:
+      problems.append(f"the signed root received at step {doc.get('step')} is missing from the "
+                      "history or was changed")
+  return problems

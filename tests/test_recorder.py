@@ -181,3 +181,35 @@ def test_sigkill_at_any_point_then_resume_gives_the_same_root(recorded, tmp_path
   got = json.loads((tmp_path / "commitment.json").read_text())["merkle_root"]
   assert got == want
   integrity.check_workdir(tmp_path)
+
+
+def test_history_of_signed_roots_is_proven_to_the_client(recorded, tmp_path):
+  import shutil
+  from aftune import attacks
+  workdir = tmp_path / "copy"
+  shutil.copytree(recorded[0], workdir)
+  received = [json.loads(p.read_text()) for p in sorted((workdir / "trace" / "roots").glob("*.json"))]
+  commitment = json.loads((workdir / "commitment.json").read_text())
+  history = integrity.prove_history(workdir)
+  assert len(history["roots"]) == 4
+  assert integrity.verify_history(history, commitment, received) == []
+  # The provider rewrites a leaf of step 1 (before the signed roots of steps 4, 8, 12)
+  # and re-signs the final commitment: the new final tree no longer extends them.
+  forged = attacks.forge_leaf(workdir, "loss", 1, -1)
+  problems = integrity.verify_history(integrity.prove_history(workdir), forged, received)
+  assert len(problems) == 3 and all("history rewritten" in p for p in problems)
+  # Dropping a root the client received is caught too.
+  history["roots"] = history["roots"][1:]
+  assert any("missing" in p for p in integrity.verify_history(history, commitment, received))
+
+
+def test_history_cli(recorded, tmp_path):
+  workdir, _ = recorded
+  r = subprocess.run([sys.executable, "-m", "experiments.history", "prove", "--workdir",
+                      str(workdir), "--out", str(tmp_path / "h.json")], cwd=ROOT, capture_output=True)
+  assert r.returncode == 0, r.stderr
+  r = subprocess.run([sys.executable, "-m", "experiments.history", "check", "--commitment",
+                      str(workdir / "commitment.json"), "--history", str(tmp_path / "h.json"),
+                      "--received", str(workdir / "trace" / "roots")], cwd=ROOT, capture_output=True,
+                     text=True)
+  assert r.returncode == 0 and "OK: 4 signed roots" in r.stdout, r.stdout + r.stderr
