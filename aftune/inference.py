@@ -222,6 +222,8 @@ def serve(model: ServedModel, prompts_tokens: Sequence[Sequence[int]], settings:
     {"result": GenerationResult, "commitment": the signed commitment or None}.
   """
   out_dir = Path(out_dir)
+  if record and out_dir.exists():
+    raise FileExistsError(f"{out_dir}: a record exists already; refusing to overwrite it")
   b = model.blocked
   rec = InferenceRecorder(b.num_blocks, settings.activation_interval) if record else None
   result = gen_lib.generate(

@@ -9,6 +9,8 @@ final model of the job's signed commitment. The record (spec.json, leaves.bin,
 tensors.safetensors.zst, commitment.json) is what the audit commands take (--record).
 """
 
+import sys
+
 from absl import app
 from absl import flags
 
@@ -29,15 +31,19 @@ _NO_RECORD = flags.DEFINE_bool("no_record", False, "Serve without recording (bas
 
 def main(argv):
   del argv
-  model = inference.load_from_training(_WORKDIR.value)
-  prompts = inference.read_prompts(_PROMPTS.value, model.tokenizer, model.template)
-  settings = inference.ServeSettings(
-      max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-      top_p=_TOP_P.value, seed=_SEED.value, batch_id=_BATCH_ID.value,
-      stop_tokens=(model.tokenizer.eos_id,), pad_id=model.tokenizer.pad_id,
-      activation_interval=_I_A.value)
-  out = inference.serve(model, prompts, settings, _OUT.value, record=not _NO_RECORD.value,
-                        key_path=f"{_WORKDIR.value}/provider_key.pem")
+  try:
+    model = inference.load_from_training(_WORKDIR.value)
+    prompts = inference.read_prompts(_PROMPTS.value, model.tokenizer, model.template)
+    settings = inference.ServeSettings(
+        max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+        top_p=_TOP_P.value, seed=_SEED.value, batch_id=_BATCH_ID.value,
+        stop_tokens=(model.tokenizer.eos_id,), pad_id=model.tokenizer.pad_id,
+        activation_interval=_I_A.value)
+    out = inference.serve(model, prompts, settings, _OUT.value, record=not _NO_RECORD.value,
+                          key_path=f"{_WORKDIR.value}/provider_key.pem")
+  except (ValueError, OSError) as e:  # bad prompts file, model not matching its commitment, ...
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   for toks in out["result"].tokens:
     print(repr(model.tokenizer.decode(toks)))
   if out["commitment"] is not None:
