@@ -30,7 +30,7 @@ PyTree = Any
 
 
 class StepObserver(Protocol):
-  """What the loop tells a recorder (issue: recorder). All arrays may still be in flight."""
+  """What the loop tells a recorder (`recorder.Recorder`). Arrays may still be in flight."""
 
   def step_block_start(self, step: int, params: list[PyTree], opt_states: list[PyTree]) -> None:
     ...
