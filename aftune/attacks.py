@@ -76,6 +76,13 @@ def perturb(tree: PyTree, scale: float, seed: int = 0, leaf: str | None = None) 
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _perturb_block(params: list[PyTree], block: int, scale: float, seed: int,
+                   leaf: str | None) -> list[PyTree]:
+  params = list(params)
+  params[block] = perturb(params[block], scale, seed, leaf)
+  return params
+
+
 def batch_of(job: job_lib.Job, indices: np.ndarray) -> dict[str, jax.Array]:
   """The batch made of the given examples (never through `job.batch`, which may be patched)."""
   return {k: jnp.asarray(v) for k, v in data_lib.make_batch(job.encoded, np.asarray(indices)).items()}
@@ -223,9 +230,7 @@ class PerturbedBaseModel(Honest):
   seed: int = 0
 
   def initial(self, params):
-    params = list(params)
-    params[self.block] = perturb(params[self.block], self.scale, self.seed, self.leaf)
-    return params
+    return _perturb_block(params, self.block, self.scale, self.seed, self.leaf)
 
 
 @dataclasses.dataclass
@@ -238,9 +243,7 @@ class EditedFinalModel(Honest):
   seed: int = 0
 
   def final(self, params):
-    params = list(params)
-    params[self.block] = perturb(params[self.block], self.scale, self.seed, self.leaf)
-    return params
+    return _perturb_block(params, self.block, self.scale, self.seed, self.leaf)
 
 
 @dataclasses.dataclass
