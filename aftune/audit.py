@@ -137,7 +137,7 @@ def render_markdown(verdict: dict[str, Any]) -> str:
 
 
 def write_verdict(verdict: dict[str, Any], json_path: str | Path, md_path: str | Path | None) -> None:
-  Path(json_path).write_text(json.dumps(verdict, indent=2, sort_keys=True, default=str) + "\n")
+  recorder.write_json(Path(json_path), verdict)
   if md_path is not None:
     Path(md_path).write_text(render_markdown(verdict))
 

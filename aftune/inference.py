@@ -249,7 +249,7 @@ def serve(model: ServedModel, prompts_tokens: Sequence[Sequence[int]], settings:
                                                  result.max_total_len),
       "environment": provenance.environment_manifest(),
   }
-  (out_dir / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+  recorder_lib.write_json(out_dir / "spec.json", spec)
   inference_id = hashing.hash_json(spec)
   writer = trace.LeafWriter(out_dir / "leaves.bin", grid)
   writer.append(trace.Leaf("inf_spec", -1, -1, inference_id))
@@ -265,7 +265,7 @@ def serve(model: ServedModel, prompts_tokens: Sequence[Sequence[int]], settings:
          "merkle_root": writer.tree.root().hex(), "num_leaves": writer.size,
          "grid": grid.to_dict(), "model_hash": model.model_hash, "source": model.source}
   doc = signing.sign_document(doc, recorder_lib.load_or_create_key(Path(key_path)))
-  (out_dir / "commitment.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+  recorder_lib.write_json(out_dir / "commitment.json", doc)
   logging.info("served %d prompts, %d steps; committed root %s", len(prompts_tokens),
                result.num_steps, doc["merkle_root"][:16])
   return {"result": result, "commitment": doc}

@@ -53,9 +53,11 @@ def load_or_create_key(path: Path):
   return signing.load_private_key(path)
 
 
-def _write_json(path: Path, doc: dict) -> None:
+def write_json(path: Path, doc: Any) -> None:
+  """Writes a JSON file atomically (tmp file, then rename): readers never see half of it."""
+  path = Path(path)
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+  tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
   tmp.replace(path)
 
 
@@ -80,7 +82,7 @@ class Recorder:
         raise trace.TraceError(f"{spec_path}: this workdir was recorded under another job spec "
                                f"(differs in {diff}); the environment or program changed")
     else:
-      _write_json(spec_path, spec)
+      write_json(spec_path, spec)
     self.spec = spec
     self.job_id = jobspec.job_id(spec)
     leaves_path = tdir / "leaves.bin"
@@ -228,7 +230,7 @@ class Recorder:
         raise trace.TraceError(f"{path}: the resumed run's root differs from the signed one "
                                "written before the interruption")
       return
-    _write_json(path, signing.sign_document(doc, self.key))
+    write_json(path, signing.sign_document(doc, self.key))
 
   def _commit(self, final_params: list[PyTree]) -> dict:
     self.writer.sync()
@@ -244,8 +246,8 @@ class Recorder:
         "final_model_hash": hashing.hexdigest(jobspec.model_hash(self.job.blocked, final_params)),
     }
     doc = signing.sign_document(doc, self.key)
-    _write_json(self.workdir / "commitment.json", doc)
-    _write_json(self.workdir / "storage.json", storage_report(self.workdir, self.grid))
+    write_json(self.workdir / "commitment.json", doc)
+    write_json(self.workdir / "storage.json", storage_report(self.workdir, self.grid))
     logging.info("committed: job %s root %s (%d leaves)", doc["job_id"][:16], doc["merkle_root"][:16],
                  doc["num_leaves"])
     return doc

@@ -62,12 +62,6 @@ class TrainResult:
   job: job_lib.Job
 
 
-def _write_json(path: Path, obj: Any) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-  tmp.replace(path)
-
-
 def _check_or_write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
   """A workdir belongs to one config: resuming under another one would mix two runs."""
   path = workdir / "config.json"
@@ -83,7 +77,7 @@ def _check_or_write_config(workdir: Path, config: ml_collections.ConfigDict) -> 
           f"{path}: the workdir holds a run with another config (differs in {diff}); "
           "use a new --workdir")
     return
-  _write_json(path, new)
+  recorder_lib.write_json(path, new)
 
 
 def _checkpoint_items(params: list[PyTree], opt_states: list[PyTree]) -> dict[str, PyTree]:
@@ -140,7 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   workdir.mkdir(parents=True, exist_ok=True)
   _check_or_write_config(workdir, config)
   job = job or job_lib.build_job(config)
-  _write_json(workdir / "provenance.json", provenance.provenance())
+  recorder_lib.write_json(workdir / "provenance.json", provenance.provenance())
   b_s = int(config.audit.steps_per_block)
   ckpt_every = b_s * int(config.audit.checkpoint_interval)
 

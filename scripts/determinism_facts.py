@@ -127,6 +127,15 @@ def part_b(steps: int, sets: list[str]) -> list[dict]:
   return out
 
 
+def _diff_cells(r: dict) -> tuple[str, str]:
+  """The table cells of one compared run: the param diffs per checkpoint, first differences."""
+  diffs = " | ".join("0 (bitwise)" if row["bitwise"] else f"{row['max_abs_diff']:.3g}"
+                     for row in r["rows"])
+  f = r["first_differing_step"]
+  firsts = " / ".join("none" if f[w] is None else str(f[w]) for w in ("params", "loss", "grad_norm"))
+  return diffs, firsts
+
+
 def format_b(results: list[dict]) -> str:
   after = [row["after_step"] for row in results[0]["rows"]]
   lines = ["(b) blocked_step vs plain_step (single jit) from the same start, batches and keys",
@@ -136,11 +145,7 @@ def format_b(results: list[dict]) -> str:
            "differ | max abs loss diff | max abs grad-norm diff |",
            "|---|" + "---|" * len(after) + "---|---|---|---|"]
   for r in results:
-    diffs = " | ".join("0 (bitwise)" if row["bitwise"] else f"{row['max_abs_diff']:.3g}"
-                       for row in r["rows"])
-    f = r["first_differing_step"]
-    firsts = " / ".join("none" if f[w] is None else str(f[w])
-                        for w in ("params", "loss", "grad_norm"))
+    diffs, firsts = _diff_cells(r)
     lines.append(f"| {r['variant']} | {diffs} | {r['rows'][-1]['max_abs_param']:.3g} | {firsts} "
                  f"| {r['max_loss_diff']:.3g} | {r['max_grad_norm_diff']:.3g} |")
   return "\n".join(lines)
@@ -311,11 +316,7 @@ def format_d(results: list[dict]) -> str:
            + " | first step t (0-based) whose updated params / loss / grad norm differ |",
            "|---|" + "---|" * len(after) + "---|"]
   for r in results:
-    diffs = " | ".join("0 (bitwise)" if row["bitwise"] else f"{row['max_abs_diff']:.3g}"
-                       for row in r["rows"])
-    f = r["first_differing_step"]
-    firsts = " / ".join("none" if f[w] is None else str(f[w])
-                        for w in ("params", "loss", "grad_norm"))
+    diffs, firsts = _diff_cells(r)
     lines.append(f"| {r['units_per_block']} | {diffs} | {firsts} |")
   return "\n".join(lines)
 
