@@ -5,6 +5,8 @@ Run (CPU, about two minutes on 2 cores; the loss falls from ~7 to below 2):
   python -m experiments.finetune --config configs/finetune.py:tiny --workdir /tmp/aftune_tiny
 
 Variants:
+  smoke      the tiny model shrunk to run in seconds (2 layers, 12 steps of batch 4): what the
+             tests, CI and `scripts/demo.sh --quick` run; the same code as every other sheet.
   tiny       random-init 4-layer decoder on the built-in instruction data (data/default).
   small50m   49.2M-parameter decoder on the same data: the benchmark config.
   llama3_8b  the paper's Llama-3.1-8B-Instruct setting; set --config.model.hf_path.
@@ -15,7 +17,7 @@ Override any field: --config.optim.learning_rate=3e-4 --config.audit.steps_per_b
 
 import ml_collections
 
-from aftune import data as data_lib
+from aftune.data import defaults
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -44,8 +46,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.lora.targets = ("q_proj", "v_proj")
 
   c.data = ml_collections.ConfigDict()
-  c.data.train_path = str(data_lib.DEFAULT_TRAIN_PATH)  # JSONL, Alpaca or chat records
-  c.data.tokenizer_path = str(data_lib.DEFAULT_TOKENIZER_PATH)  # tokenizer.json
+  c.data.train_path = str(defaults.DEFAULT_TRAIN_PATH)  # JSONL, Alpaca or chat records
+  c.data.tokenizer_path = str(defaults.DEFAULT_TOKENIZER_PATH)  # tokenizer.json
   c.data.template = "aftune"  # chat template: aftune | llama3 | chatml
   c.data.max_len = 64  # tokens per example after padding/truncation
   c.data.num_samples = 0  # use the first N records; 0: all
@@ -77,6 +79,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   if variant == "tiny":
     pass
+  elif variant == "smoke":
+    c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 2
+    c.model.num_heads, c.model.num_kv_heads = 4, 2
+    c.data.max_len, c.data.num_samples = 32, 64
+    c.batch_size, c.num_steps, c.log_every = 4, 12, 4
+    c.audit.steps_per_block, c.audit.checkpoint_interval = 2, 2
+    c.optim.warmup_steps = 2
   elif variant == "small50m":
     c.model.hidden_size = 512
     c.model.intermediate_size = 1408
@@ -107,5 +116,5 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.clip_norm = 0.0
     c.audit.units_per_block = 4
   else:
-    raise ValueError(f"unknown variant {variant!r}: tiny, small50m, llama3_8b, qwen3_14b")
+    raise ValueError(f"unknown variant {variant!r}: smoke, tiny, small50m, llama3_8b, qwen3_14b")
   return c

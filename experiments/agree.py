@@ -9,8 +9,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from aftune import audit
-from aftune import job as job_lib
+from aftune.audit import client as audit
+from aftune.train import job as job_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py:tiny", "Run sheet.",
                                           lock_config=True)

@@ -20,7 +20,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from aftune import bench
+from aftune.bench import timing as bench
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py:tiny", "Run sheet.",
                                           lock_config=True)

@@ -11,7 +11,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from aftune import train
+from aftune.train import trainer as train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py:tiny", "Run sheet.",
                                           lock_config=True)

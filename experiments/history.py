@@ -15,8 +15,8 @@ from pathlib import Path
 from absl import app
 from absl import flags
 
-from aftune import audit
-from aftune import integrity
+from aftune.audit import client as audit
+from aftune.record import history as history_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "prove: the recorded run.")
 _OUT = flags.DEFINE_string("out", "history.json", "prove: where to write the proofs.")
@@ -31,7 +31,7 @@ def main(argv):
     raise app.UsageError("usage: history prove|check [flags]")
   try:
     if argv[1] == "prove":
-      doc = integrity.prove_history(_WORKDIR.value)
+      doc = history_lib.prove_history(_WORKDIR.value)
       Path(_OUT.value).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
       print(f"{len(doc['roots'])} signed roots proven consistent with the final root -> {_OUT.value}")
       return
@@ -39,7 +39,7 @@ def main(argv):
     history = audit.load_json(_HISTORY.value)
     received = ([audit.load_json(p) for p in sorted(Path(_RECEIVED.value).glob("*.json"))]
                 if _RECEIVED.value else None)
-    problems = integrity.verify_history(history, commitment, received)
+    problems = history_lib.verify_history(history, commitment, received)
   except (ValueError, OSError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -16,7 +16,7 @@ from pathlib import Path
 from absl import app
 from absl import flags
 
-from aftune import bundle as bundle_lib  # no JAX import: threads are pinned first
+from aftune.audit import bundle as bundle_lib  # no JAX import: threads are pinned first
 
 _COMMITMENT = flags.DEFINE_string("commitment", None, "The client's commitment.json.", required=True)
 _CHALLENGE = flags.DEFINE_string("challenge", None, "The challenge the bundles answer.")
@@ -66,10 +66,10 @@ def main(argv):
       raise ValueError(f"{_BUNDLES.value}: no *.bundle files")
     if _MODE.value == "exact":
       _pin_threads(paths)
-    from aftune import audit  # pylint: disable=g-import-not-at-top  (imports JAX)
-    from aftune import challenge as challenge_lib  # pylint: disable=g-import-not-at-top
+    from aftune.audit import client as audit  # pylint: disable=g-import-not-at-top  (imports JAX)
+    from aftune.audit import challenge_doc  # pylint: disable=g-import-not-at-top
     commitment = audit.load_commitment(_COMMITMENT.value, _PUBLIC_KEY.value)
-    ch = challenge_lib.load_challenge(_CHALLENGE.value) if _CHALLENGE.value else None
+    ch = challenge_doc.load_challenge(_CHALLENGE.value) if _CHALLENGE.value else None
     agreed = audit.load_agreed(_AGREED.value) if _AGREED.value else None
     model_hash = _MODEL_HASH.value
     if _TRAINING_COMMITMENT.value:

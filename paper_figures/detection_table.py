@@ -10,7 +10,7 @@ without replacement, P(detect) = 1 - C(N-k, m) / C(N, m):
   modifying 10% of parameters   pi=50%  50.0%
 
 This script finds the (population, k, m) behind each number, recomputes it
-with ``aftune.challenge.detection_probability``, prints the table, writes
+with ``aftune.audit.detection.detection_probability``, prints the table, writes
 ``paper_figures/out/detection_table.md`` and plots P(detect) against the
 sampling rate (``paper_figures/out/detection_curves.png``).
 
@@ -49,7 +49,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `aftune` importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aftune.challenge import detection_probability  # noqa: E402
+from aftune.audit import detection  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 N_PAPER = 136
@@ -81,7 +81,7 @@ class Row:
 
   @property
   def ours(self) -> float:
-    return detection_probability(self.population, self.k, self.m)
+    return detection.detection_probability(self.population, self.k, self.m)
 
   @property
   def reproduced(self) -> bool | None:
@@ -177,7 +177,7 @@ def markdown(table: list[Row]) -> str:
   lines = [
     "# AFTUNE detection table, reproduced",
     "",
-    f"P(detect) = 1 - C(n-k, m) / C(n, m) (`aftune.challenge.detection_probability`), "
+    f"P(detect) = 1 - C(n-k, m) / C(n, m) (`aftune.audit.detection.detection_probability`), "
     f"m = round(pi x {N_PAPER}); grid {LAYER_BLOCKS} layer blocks x {STEP_BLOCKS} step "
     f"blocks = {N_PAPER} cells; n = the cells the sample is drawn from "
     f"({N_PAPER}, or {STEP_BLOCKS} for input-only). Rows marked 'variant' are not in the "
@@ -214,11 +214,12 @@ def plot(path: Path) -> None:
   ms = list(range(0, N + 1))
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=130)
   for k in (1, 2, 5, 9, 17, 68):
-    ax.plot([m / N for m in ms], [detection_probability(N, k, m) for m in ms], label=f"k = {k}")
+    ps = [detection.detection_probability(N, k, m) for m in ms]
+    ax.plot([m / N for m in ms], ps, label=f"k = {k}")
   S = STEP_BLOCKS
   ax.plot(
     [m / N for m in ms],
-    [detection_probability(S, 2, min(m, S)) for m in ms],
+    [detection.detection_probability(S, 2, min(m, S)) for m in ms],
     "k--",
     lw=1,
     label="k = 2, input-only",

@@ -86,8 +86,8 @@ VARIANTS = {
 def _blocked_vs_plain(name: str, steps: int, sets: list[str]) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from aftune import job as job_lib  # pylint: disable=g-import-not-at-top
-  from aftune import step as step_lib  # pylint: disable=g-import-not-at-top
+  from aftune.train import job as job_lib  # pylint: disable=g-import-not-at-top
+  from aftune.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   job = job_lib.build_job(_config(steps, sets, record=False, **VARIANTS[name]))
   specs, frozen, opt_cfg = job.blocked.specs, job.blocked.frozen, job.opt_cfg
@@ -155,8 +155,8 @@ def format_b(results: list[dict]) -> str:
 
 
 def _record_and_open(workdir: Path, steps: int, sets: list[str]) -> tuple[Path, int]:
-  from aftune import opening  # pylint: disable=g-import-not-at-top
-  from aftune import train  # pylint: disable=g-import-not-at-top
+  from aftune.audit import train_provider as opening  # pylint: disable=g-import-not-at-top
+  from aftune.train import trainer as train  # pylint: disable=g-import-not-at-top
   config = _config(steps, sets, **{"audit.checkpoint_interval": 1})
   train.train(config, workdir / "run")
   provider = opening.Provider(workdir / "run")
@@ -168,9 +168,9 @@ def _record_and_open(workdir: Path, steps: int, sets: list[str]) -> tuple[Path, 
 
 def _child(workdir: Path, check_env: bool, tolerance: bool) -> dict:
   """Runs in a fresh process: verifies every bundle of workdir (exact, and tolerance)."""
-  from aftune import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  from aftune.audit import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   from aftune import provenance  # pylint: disable=g-import-not-at-top
-  from aftune import verifier  # pylint: disable=g-import-not-at-top
+  from aftune.audit import train_verifier as verifier  # pylint: disable=g-import-not-at-top
 
   commitment = json.loads((workdir / "run" / "commitment.json").read_text())
   spec = json.loads((workdir / "run" / "trace" / "job_spec.json").read_text())
@@ -223,7 +223,7 @@ def part_c(steps: int, sets: list[str], cpus: list[int], workdir: Path) -> dict:
 
 
 def format_c(r: dict) -> str:
-  from aftune import verifier  # pylint: disable=g-import-not-at-top
+  from aftune.audit import train_verifier as verifier  # pylint: disable=g-import-not-at-top
   g = r["grid"]
   lines = [(f"(c) recorded on {r['recorded_cpu_threads']} CPU threads; tiny config, "
             f"{g['num_steps']} steps, {g['num_layer_blocks']} layer blocks x "
@@ -260,8 +260,8 @@ BLOCK_SIZES = (1, 2, 3, 7)  # B_L; the tiny model has 7 units (embed, 4 layers, 
 def _blocked_run(steps: int, sets: list[str], units_per_block: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from aftune import job as job_lib  # pylint: disable=g-import-not-at-top
-  from aftune import step as step_lib  # pylint: disable=g-import-not-at-top
+  from aftune.train import job as job_lib  # pylint: disable=g-import-not-at-top
+  from aftune.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   job = job_lib.build_job(_config(steps, sets, record=False,
                                   **{"audit.units_per_block": units_per_block}))

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from aftune.chat import AFTUNE_SPECIAL_TOKENS  # noqa: E402
+from aftune.data.chat import AFTUNE_SPECIAL_TOKENS  # noqa: E402
 
 SEED = 20240601
 NUM_EXAMPLES = 2400
@@ -204,7 +204,7 @@ TASKS: dict[str, Task] = {
 
 
 def user_text(instruction: str, inp: str) -> str:
-  """Same rendering as aftune.data for Alpaca records."""
+  """Same rendering as aftune.data.records for Alpaca records."""
   return f"{instruction}\n\n{inp}" if inp else instruction
 
 

@@ -1,21 +1,34 @@
 """Tiny Hugging Face checkpoints written from numpy, in the exact HF layout and names.
 
-  cfg = write_tiny_checkpoint(tmp_path, "qwen3", tied=True, sharded=True)
+A pytest plugin (conftest.py: `pytest_plugins = ["hf_fixtures"]`); tests take its fixtures
+and never import it:
 
-writes tmp_path/config.json and either model.safetensors or three shards plus
-model.safetensors.index.json, loadable both by `transformers` and by
-`aftune.hf_import.load_hf_model`. Nothing here imports torch or transformers.
+  tiny_hf   this module: the writers and the tiny sizes, e.g.
+            cfg = tiny_hf.write_tiny_checkpoint(tmp_path, "qwen3", tied=True, sharded=True)
+            writes tmp_path/config.json and either model.safetensors or three shards plus
+            model.safetensors.index.json, loadable both by `transformers` and by
+            `aftune.model.hf_llama.load_hf_model`.
+  hf        (torch, transformers), imported once; skips the test when they are not installed.
+
+Nothing here imports torch or transformers at import time.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+import pytest
 from safetensors.numpy import save_file
+
+# Set when conftest.py loads this plugin, before any test imports transformers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 128, 64, 128, 2, 4, 2
 QWEN3_HEAD_DIM = 32  # != HIDDEN // HEADS (16), to exercise an explicit head_dim
@@ -201,7 +214,7 @@ def forward_logits(units: dict[str, Any], tokens: np.ndarray, attn_mask: np.ndar
   """aftune logits [B, T, V] (fp32 numpy): embed -> layers -> final_norm -> lm_head."""
   import jax.numpy as jnp
 
-  from aftune.step import positions_from_mask
+  from aftune.model.llama import positions_from_mask
 
   mask = jnp.asarray(attn_mask, jnp.int32)
   ctx = {"positions": positions_from_mask(mask), "attn_mask": mask, "key": None}
@@ -209,3 +222,23 @@ def forward_logits(units: dict[str, Any], tokens: np.ndarray, attn_mask: np.ndar
   for unit in units.values():  # ordered: embed, layer_0.., final_norm, lm_head
     x = unit(x, ctx)
   return np.asarray(x, np.float32)
+
+
+# --- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_hf():
+  """This module: write_tiny_checkpoint, tiny_config, tiny_tensors, write_tensors,
+  forward_logits and the sizes (VOCAB, HIDDEN, LAYERS, ...)."""
+  return sys.modules[__name__]
+
+
+@pytest.fixture(scope="module")
+def hf():
+  """(torch, transformers), imported once per module; skips when not installed."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  transformers.logging.set_verbosity_error()
+  transformers.logging.disable_progress_bar()
+  return torch, transformers

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from aftune import audit
-from aftune import bundle as bundle_lib
-from aftune import job as job_lib
-from aftune import train
-from test_train import small_config
+from aftune.audit import client as audit
+from aftune.audit import bundle as bundle_lib
+from aftune.train import job as job_lib
+from aftune.train import trainer as train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +21,7 @@ def _run(*args):
 
 
 @pytest.fixture(scope="module")
-def audited(tmp_path_factory):
+def audited(small_config, tmp_path_factory):
   base = tmp_path_factory.mktemp("cli")
   workdir = base / "run"
   config = small_config(num_steps=8)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from aftune import bench
+from aftune.bench import timing as bench
 from configs import finetune
 
 

@@ -1,4 +1,8 @@
-"""Tests for aftune.challenge: hypergeometric math, strategies, derivation, JSON."""
+"""Tests for the challenge: hypergeometric math, strategies, derivation, JSON, the CLI.
+
+Covers aftune/audit/{detection,challenge_checks,challenge_params,challenge,challenge_doc}.py
+and experiments/challenge.py.
+"""
 
 import itertools
 import json
@@ -10,8 +14,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from aftune import challenge as C
-from aftune import hashing
+from aftune.audit import challenge as C
+from aftune.audit import challenge_checks
+from aftune.audit import challenge_doc
+from aftune.audit import detection
+from aftune.crypto import hashing
+from experiments import challenge as challenge_cli
 
 ROOT0 = bytes(32)
 JOB = bytes(range(32))
@@ -106,8 +114,8 @@ def test_detection_probability_brute_force_small():
     for k in range(0, N + 1):
       for m in range(0, N + 1):
         want = brute_force(N, k, m)
-        assert C.detection_probability_exact(N, k, m) == want
-        assert C.detection_probability(N, k, m) == float(want), (N, k, m)
+        assert detection.detection_probability_exact(N, k, m) == want
+        assert detection.detection_probability(N, k, m) == float(want), (N, k, m)
 
 
 @pytest.mark.parametrize(
@@ -127,33 +135,33 @@ def test_detection_probability_brute_force_small():
   ],
 )
 def test_detection_probability_matches_scipy(N, k, m):
-  got = C.detection_probability(N, k, m)
+  got = detection.detection_probability(N, k, m)
   # P(X >= 1) for X ~ hypergeometric(M=N, n=k, N=m).
   want = stats.hypergeom.sf(0, N, k, m)
   assert got == pytest.approx(want, rel=1e-10, abs=1e-15)
   if max(N, m) <= 5000:
-    assert got == float(C.detection_probability_exact(N, k, m))
+    assert got == float(detection.detection_probability_exact(N, k, m))
 
 
 def test_detection_probability_log_space_branch_accurate():
   # min(k, m) > 4096 takes the log-space branch; compare with exact ints.
   N, k, m = 20000, 5000, 4200
-  exact = float(C.detection_probability_exact(N, k, 4200))
-  assert C.detection_probability(N, k, m) == pytest.approx(exact, rel=1e-13)
+  exact = float(detection.detection_probability_exact(N, k, 4200))
+  assert detection.detection_probability(N, k, m) == pytest.approx(exact, rel=1e-13)
   # Tiny probabilities keep relative accuracy (no 1 - (1 - eps) cancellation).
-  p = C.detection_probability(10**9, 1, 3)
+  p = detection.detection_probability(10**9, 1, 3)
   assert p == pytest.approx(3e-9, rel=1e-12)
 
 
 def test_detection_probability_edges():
-  assert C.detection_probability(10, 0, 5) == 0.0
-  assert C.detection_probability(10, 3, 0) == 0.0
-  assert C.detection_probability(10, 6, 5) == 1.0  # k > N - m: pigeonhole
-  assert C.detection_probability(10, 5, 5) < 1.0
-  assert C.detection_probability(10, 10, 10) == 1.0
+  assert detection.detection_probability(10, 0, 5) == 0.0
+  assert detection.detection_probability(10, 3, 0) == 0.0
+  assert detection.detection_probability(10, 6, 5) == 1.0  # k > N - m: pigeonhole
+  assert detection.detection_probability(10, 5, 5) < 1.0
+  assert detection.detection_probability(10, 10, 10) == 1.0
   for bad in [(10, 11, 1), (10, 1, 11), (-1, 0, 0), (10, -1, 2), (10, 1.0, 2), (10, True, 2)]:
-    with pytest.raises(C.ChallengeError):
-      C.detection_probability(*bad)
+    with pytest.raises(challenge_checks.ChallengeError):
+      detection.detection_probability(*bad)
 
 
 @pytest.mark.parametrize(
@@ -172,11 +180,11 @@ def test_detection_probability_edges():
   ],
 )
 def test_cells_needed_is_minimal(N, k, p):
-  m = C.cells_needed(N, k, p)
+  m = detection.cells_needed(N, k, p)
   assert 1 <= m <= N - k + 1
-  assert C.detection_probability(N, k, m) >= p
+  assert detection.detection_probability(N, k, m) >= p
   if m > 1:
-    assert C.detection_probability(N, k, m - 1) < p
+    assert detection.detection_probability(N, k, m - 1) < p
 
 
 def test_cells_needed_rejects_bad_input():
@@ -189,28 +197,28 @@ def test_cells_needed_rejects_bad_input():
     (10, 1, float("nan")),
     (10, 1, "0.9"),
   ]:
-    with pytest.raises(C.ChallengeError):
-      C.cells_needed(*args)
+    with pytest.raises(challenge_checks.ChallengeError):
+      detection.cells_needed(*args)
 
 
 def test_guarantee_text():
-  text = C.guarantee_text(136, 27, ks=(1, 2, 500))
+  text = detection.guarantee_text(136, 27, ks=(1, 2, 500))
   assert "sampled 27 of 136 cells uniformly" in text
   assert "if at least 2 of the 136 cells were tampered, P(detect) >= 0.3588" in text
   assert "500" not in text  # k > N is dropped
-  assert C.guarantee_lines(20, 20, (1,)) == [(1, 1.0)]
+  assert detection.guarantee_lines(20, 20, (1,)) == [(1, 1.0)]
 
 
 def test_stratified_lower_bound():
   for L, S in [(4, 5), (5, 4), (3, 3), (1, 6), (6, 1)]:
     N, M = L * S, max(L, S)
     for m in range(M, N + 1):
-      assert C.stratified_lower_bound(L, S, m, 1) == pytest.approx(m / N)
+      assert detection.stratified_lower_bound(L, S, m, 1) == pytest.approx(m / N)
       for k in range(1, N + 1):
-        b = C.stratified_lower_bound(L, S, m, k)
+        b = detection.stratified_lower_bound(L, S, m, k)
         assert 0 < b <= 1
-  with pytest.raises(C.ChallengeError):
-    C.stratified_lower_bound(4, 5, 4, 1)  # m < max(L, S)
+  with pytest.raises(challenge_checks.ChallengeError):
+    detection.stratified_lower_bound(4, 5, 4, 1)  # m < max(L, S)
 
 
 # --------------------------------------------------------------------------
@@ -343,7 +351,7 @@ def test_every_strategy_valid(L, S):
       assert {sb for _, sb in c.cells} == set(range(S))
     c = draw("guarantee", L=L, S=S, k=1, p=0.5, nonce=nonce)
     check_valid(c)
-    assert len(c.cells) == C.cells_needed(N, 1, 0.5)
+    assert len(c.cells) == detection.cells_needed(N, 1, 0.5)
 
 
 def test_stratified_minimal_is_one_per_row_or_column():
@@ -360,7 +368,7 @@ def test_stratified_minimal_is_one_per_row_or_column():
 
 def test_guarantee_strategy_reaches_target():
   c = draw("guarantee", L=8, S=17, k=2, p=0.95)
-  m = C.cells_needed(136, 2, 0.95)
+  m = detection.cells_needed(136, 2, 0.95)
   assert c.params == {"k": 2, "m": m, "p": 0.95}
   assert len(c.cells) == m
   g = c.guarantee()
@@ -372,7 +380,7 @@ def test_guarantee_strategy_reaches_target():
 
 def test_input_only_target_over_its_block():
   c = draw("input_only", L=8, S=17, k=2, p=0.97)
-  assert c.params["m"] == C.cells_needed(17, 2, 0.97) == 14
+  assert c.params["m"] == detection.cells_needed(17, 2, 0.97) == 14
   g = c.guarantee()
   assert g["population_size"] == 17 and g["population"].startswith("layer block 0")
   assert "not detected by this challenge" in g["text"]
@@ -382,7 +390,7 @@ def test_guarantee_statement_uniform():
   c = draw("uniform", L=8, S=17, m=27)
   g = c.guarantee(ks=(9,))
   assert [d["k"] for d in g["detect"]] == [1, 2, 5, 9, 10]
-  assert {d["k"]: d["p"] for d in g["detect"]}[2] == C.detection_probability(136, 2, 27)
+  assert {d["k"]: d["p"] for d in g["detect"]}[2] == detection.detection_probability(136, 2, 27)
   assert "if at least 1 of the 136 cells were tampered, P(detect) >= 0.1985" in g["text"]
 
 
@@ -394,14 +402,14 @@ def test_stratified_guarantee_is_a_lower_bound():
   draws = [
     set(draw("stratified", L=L, S=S, m=m, nonce=i.to_bytes(2, "little")).cells) for i in range(1500)
   ]
-  bound = C.stratified_lower_bound(L, S, m, 2)
+  bound = detection.stratified_lower_bound(L, S, m, 2)
   cells = [(a, b) for a in range(L) for b in range(S)]
   worst = min(
     sum(1 for d in draws if x in d or y in d) / len(draws)
     for x, y in itertools.combinations(cells, 2)
   )
   assert worst >= bound - 4 * math.sqrt(bound * (1 - bound) / len(draws))
-  assert C.stratified_lower_bound(L, S, m, 1) == pytest.approx(m / N)
+  assert detection.stratified_lower_bound(L, S, m, 1) == pytest.approx(m / N)
 
 
 def test_uniform_draws_hit_every_cell_equally():
@@ -458,13 +466,13 @@ def test_uniform_draws_hit_every_cell_equally():
   ],
 )
 def test_draw_rejects(kw, msg):
-  with pytest.raises(C.ChallengeError) as e:
+  with pytest.raises(challenge_checks.ChallengeError) as e:
     draw(**kw)
   assert msg in str(e.value)
 
 
 def test_draw_rejects_bad_job_id():
-  with pytest.raises(C.ChallengeError, match="job_id must be 32 bytes"):
+  with pytest.raises(challenge_checks.ChallengeError, match="job_id must be 32 bytes"):
     C.draw_challenge(
       job_id=b"x", root=ROOT, num_layer_blocks=2, num_step_blocks=2, strategy="uniform", m=1
     )
@@ -489,12 +497,12 @@ def test_json_round_trip(tmp_path, kw):
   c = draw(L=8, S=17, root=ROOT, **kw)
   doc = c.to_json()
   assert doc["format"] == "aftune/challenge" and doc["version"] == 1
-  assert C.Challenge.from_json(doc) == c
-  assert C.Challenge.from_json(json.dumps(doc)) == c
-  assert C.Challenge.from_json(hashing.canonical_json_bytes(doc)) == c
+  assert challenge_doc.Challenge.from_json(doc) == c
+  assert challenge_doc.Challenge.from_json(json.dumps(doc)) == c
+  assert challenge_doc.Challenge.from_json(hashing.canonical_json_bytes(doc)) == c
   path = tmp_path / "challenge.json"
-  C.save_challenge(c, path)
-  loaded = C.load_challenge(path)
+  challenge_doc.save_challenge(c, path)
+  loaded = challenge_doc.load_challenge(path)
   assert loaded == c and loaded.digest() == c.digest()
   C.verify_challenge_derivation(loaded)
 
@@ -504,15 +512,15 @@ def test_explicit_challenge():
     job_id=JOB, root=ROOT, num_layer_blocks=4, num_step_blocks=5, cells=[(3, 1), (0, 2)]
   )
   assert c.cells == ((0, 2), (3, 1)) and not c.derived
-  assert C.Challenge.from_json(c.to_json()) == c
+  assert challenge_doc.Challenge.from_json(c.to_json()) == c
   assert c.guarantee()["bound"] == "none"
-  with pytest.raises(C.ChallengeError, match="not derived"):
+  with pytest.raises(challenge_checks.ChallengeError, match="not derived"):
     C.verify_challenge_derivation(c)
-  with pytest.raises(C.ChallengeError, match="twice"):
+  with pytest.raises(challenge_checks.ChallengeError, match="twice"):
     C.explicit_challenge(
       job_id=JOB, root=ROOT, num_layer_blocks=4, num_step_blocks=5, cells=[(0, 1), (0, 1)]
     )
-  with pytest.raises(C.ChallengeError, match="outside the 4x5 grid"):
+  with pytest.raises(challenge_checks.ChallengeError, match="outside the 4x5 grid"):
     C.explicit_challenge(
       job_id=JOB, root=ROOT, num_layer_blocks=4, num_step_blocks=5, cells=[(4, 1)]
     )
@@ -566,44 +574,44 @@ BAD_DOCS = [
 def test_from_json_rejects(tmp_path, path, value, msg):
   doc = draw("uniform", L=8, S=17, m=5, root=ROOT).to_json()
   bad = mutate(doc, path, value)
-  with pytest.raises(C.ChallengeError) as e:
-    C.Challenge.from_json(bad)
+  with pytest.raises(challenge_checks.ChallengeError) as e:
+    challenge_doc.Challenge.from_json(bad)
   assert msg in str(e.value)
   f = tmp_path / "bad.json"
   f.write_text(json.dumps(bad))
-  with pytest.raises(C.ChallengeError) as e:
-    C.load_challenge(f)
+  with pytest.raises(challenge_checks.ChallengeError) as e:
+    challenge_doc.load_challenge(f)
   assert str(e.value).startswith(f"{f}: ") and msg in str(e.value)
 
 
 def test_from_json_rejects_duplicate_and_unsorted_cells():
   doc = draw("uniform", L=8, S=17, m=5, root=ROOT).to_json()
   dup = mutate(doc, ("cells", 1), doc["cells"][0])
-  with pytest.raises(C.ChallengeError, match="duplicate"):
-    C.Challenge.from_json(dup)
+  with pytest.raises(challenge_checks.ChallengeError, match="duplicate"):
+    challenge_doc.Challenge.from_json(dup)
   unsorted = mutate(doc, ("cells",), doc["cells"][::-1])
-  with pytest.raises(C.ChallengeError, match="sorted"):
-    C.Challenge.from_json(unsorted)
+  with pytest.raises(challenge_checks.ChallengeError, match="sorted"):
+    challenge_doc.Challenge.from_json(unsorted)
 
 
 def test_from_json_rejects_strategy_violations():
   doc = draw("input_only", L=8, S=17, m=3, root=ROOT).to_json()
   bad = mutate(doc, ("cells", 2), [1, 16])
-  with pytest.raises(C.ChallengeError, match="not in layer block 0"):
-    C.Challenge.from_json(bad)
+  with pytest.raises(challenge_checks.ChallengeError, match="not in layer block 0"):
+    challenge_doc.Challenge.from_json(bad)
   doc = draw("stratified", L=4, S=5, root=ROOT).to_json()
   bad = mutate(doc, ("cells",), [[0, 0], [0, 1], [1, 2], [2, 3], [3, 3]])
-  with pytest.raises(C.ChallengeError, match="do not cover"):
-    C.Challenge.from_json(bad)
+  with pytest.raises(challenge_checks.ChallengeError, match="do not cover"):
+    challenge_doc.Challenge.from_json(bad)
   doc = draw("guarantee", L=4, S=5, k=2, p=0.9, root=ROOT).to_json()
   bad = mutate(doc, ("params", "p"), 0.5)
-  with pytest.raises(C.ChallengeError, match="needs m="):
-    C.Challenge.from_json(bad)
+  with pytest.raises(challenge_checks.ChallengeError, match="needs m="):
+    challenge_doc.Challenge.from_json(bad)
 
 
 def test_load_challenge_file_errors(tmp_path):
-  with pytest.raises(C.ChallengeError, match="missing.json: cannot read"):
-    C.load_challenge(tmp_path / "missing.json")
+  with pytest.raises(challenge_checks.ChallengeError, match="missing.json: cannot read"):
+    challenge_doc.load_challenge(tmp_path / "missing.json")
   cases = {
     "notjson.json": (b"{", "invalid JSON"),
     "nan.json": (b'{"a": NaN}', "NaN is not valid JSON"),
@@ -614,8 +622,8 @@ def test_load_challenge_file_errors(tmp_path):
   for name, (raw, msg) in cases.items():
     f = tmp_path / name
     f.write_bytes(raw)
-    with pytest.raises(C.ChallengeError) as e:
-      C.load_challenge(f)
+    with pytest.raises(challenge_checks.ChallengeError) as e:
+      challenge_doc.load_challenge(f)
     assert str(e.value).startswith(f"{f}: ") and msg in str(e.value), str(e.value)
 
 
@@ -625,27 +633,27 @@ def test_verify_derivation_catches_cherry_picking():
   doc = c.to_json()
   free = next((a, b) for a in range(8) for b in range(17) if (a, b) not in c.cells)
   cells = sorted([list(x) for x in c.cells[1:]] + [list(free)])
-  picked = C.Challenge.from_json(mutate(doc, ("cells",), cells))  # structurally valid
-  with pytest.raises(C.ChallengeError, match="do not follow from"):
+  picked = challenge_doc.Challenge.from_json(mutate(doc, ("cells",), cells))  # structurally valid
+  with pytest.raises(challenge_checks.ChallengeError, match="do not follow from"):
     C.verify_challenge_derivation(picked)
-  other_nonce = C.Challenge.from_json(mutate(doc, ("nonce",), b"other".hex()))
-  with pytest.raises(C.ChallengeError, match="do not follow from"):
+  other_nonce = challenge_doc.Challenge.from_json(mutate(doc, ("nonce",), b"other".hex()))
+  with pytest.raises(challenge_checks.ChallengeError, match="do not follow from"):
     C.verify_challenge_derivation(other_nonce)
-  other_root = C.Challenge.from_json(mutate(doc, ("root",), "11" * 32))
-  with pytest.raises(C.ChallengeError, match="do not follow from"):
+  other_root = challenge_doc.Challenge.from_json(mutate(doc, ("root",), "11" * 32))
+  with pytest.raises(challenge_checks.ChallengeError, match="do not follow from"):
     C.verify_challenge_derivation(other_root)
 
 
 def test_verify_derivation_nonce_commitment():
   c = draw("uniform", L=8, S=17, m=5, root=ROOT, nonce=b"client")
   C.verify_challenge_derivation(c, expected_nonce_commitment=C.nonce_commitment(b"client"))
-  with pytest.raises(C.ChallengeError, match="nonce commitment"):
+  with pytest.raises(challenge_checks.ChallengeError, match="nonce commitment"):
     C.verify_challenge_derivation(c, expected_nonce_commitment=C.nonce_commitment(b"x"))
 
 
 def test_cli(tmp_path, capsys):
   out = tmp_path / "c.json"
-  rc = C.main(
+  rc = challenge_cli.main(
     [
       "draw",
       "--job-id",
@@ -669,14 +677,15 @@ def test_cli(tmp_path, capsys):
     ]
   )
   assert rc == 0
-  assert C.main(["show", str(out)]) == 0
-  assert C.main(["verify", str(out), "--nonce-commitment", C.nonce_commitment(b"test").hex()]) == 0
+  assert challenge_cli.main(["show", str(out)]) == 0
+  commitment = C.nonce_commitment(b"test").hex()
+  assert challenge_cli.main(["verify", str(out), "--nonce-commitment", commitment]) == 0
   assert "follow from (root, nonce)" in capsys.readouterr().out
   doc = json.loads(out.read_text())
   doc["cells"][0] = [7, 16] if doc["cells"][-1] != [7, 16] else [7, 15]
   doc["cells"].sort()
   out.write_text(json.dumps(doc))
-  assert C.main(["verify", str(out)]) == 1
+  assert challenge_cli.main(["verify", str(out)]) == 1
   assert "error:" in capsys.readouterr().err
 
 

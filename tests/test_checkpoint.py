@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from aftune import checkpoint as ckpt_lib
-from aftune.checkpoint import CheckpointError, Checkpointer
+from aftune.train import checkpoint as ckpt_lib
+from aftune.train.checkpoint import CheckpointError, Checkpointer
 
 
 # Orbax's error paths on damaged files leave asyncio tasks behind whose late

@@ -6,12 +6,6 @@ comparisons are not decided by near-ties).
 """
 
 import dataclasses
-import os
-import sys
-from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax
 import jax.numpy as jnp
@@ -19,23 +13,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hf_fixtures as F  # noqa: E402
-
-from aftune import generate as G  # noqa: E402
-from aftune import grid  # noqa: E402
-from aftune import hf_import as H  # noqa: E402
-from aftune import model as M  # noqa: E402
+from aftune.infer import generate as G
+from aftune.infer import sampling
+from aftune.model import blocks as grid
+from aftune.model import hf_llama as H
+from aftune.model import llama as M
 
 S = 24  # one KV cache length for most tests: fewer compilations
 PROMPTS = [[5, 17, 3], [9, 1, 44, 60, 7, 7, 100, 23, 8], [120, 3, 3, 64, 11], [77]]
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def llama(tiny_hf, tmp_path_factory):
   """(cfg, units, path) of a tiny Llama checkpoint."""
   path = tmp_path_factory.mktemp("llama")
-  F.write_tiny_checkpoint(path, "llama", seed=11)
+  tiny_hf.write_tiny_checkpoint(path, "llama", seed=11)
   cfg, units = H.load_hf_model(path)
   return cfg, units, path
 
@@ -57,7 +49,7 @@ def _bits_equal(a, b) -> bool:
 # ---------------------------------------------------------------------------------
 
 
-def test_cached_decode_equals_full_recompute(llama):
+def test_cached_decode_equals_full_recompute(tiny_hf, llama):
   cfg, units, _ = llama
   blocked = _blocked(cfg, units, 2)
   trace = G.TraceCollector()
@@ -68,18 +60,20 @@ def test_cached_decode_equals_full_recompute(llama):
   p = res.prompt_ids.shape[1]
   # Shapes of what crosses block boundaries (3 blocks: [embed, l0], [l1, norm], [head]).
   s0, s1 = trace.steps[0], trace.steps[1]
-  assert [x.shape for x in s0.block_inputs] == [(3, p), (3, p, F.HIDDEN), (3, 1, F.HIDDEN)]
-  assert [x.shape for x in s1.block_inputs] == [(3, 1), (3, 1, F.HIDDEN), (3, 1, F.HIDDEN)]
-  assert s0.logits.shape == (3, F.VOCAB) and s0.logits.dtype == jnp.float32
+  assert [x.shape for x in s0.block_inputs] == [
+      (3, p), (3, p, tiny_hf.HIDDEN), (3, 1, tiny_hf.HIDDEN)]
+  assert [x.shape for x in s1.block_inputs] == [
+      (3, 1), (3, 1, tiny_hf.HIDDEN), (3, 1, tiny_hf.HIDDEN)]
+  assert s0.logits.shape == (3, tiny_hf.VOCAB) and s0.logits.dtype == jnp.float32
   assert s0.block_outputs[-1] is s0.logits
   # Non-cached forward of the whole left-padded sequence (prompt + generated tokens).
   full_ids = np.concatenate([res.prompt_ids, res.token_array[:, :-1]], axis=1)
   full_mask = np.concatenate([res.attn_mask, np.ones((3, n - 1), np.int32)], axis=1)
-  ref = F.forward_logits(grid.merge_units(blocked), full_ids, full_mask)
+  ref = tiny_hf.forward_logits(grid.merge_units(blocked), full_ids, full_mask)
   for t, rec in enumerate(trace.steps):
     np.testing.assert_allclose(np.asarray(rec.logits), ref[:, p - 1 + t], rtol=1e-5, atol=1e-5)
     assert np.array_equal(np.asarray(rec.tokens), res.token_array[:, t])
-    assert _bits_equal(jax.random.key_data(rec.key), jax.random.key_data(G.sampling_key(0, 0, t)))
+    assert _bits_equal(jax.random.key_data(rec.key), jax.random.key_data(sampling.sampling_key(0, 0, t)))
   assert float(np.abs(ref).max()) > 1.0  # logits are not near zero
   # A longer cache changes nothing but padding slots.
   longer = _gen(blocked, PROMPTS[:3], max_new_tokens=n, max_total_len=S + 9)
@@ -167,53 +161,53 @@ def _logits(b=6, v=50, seed=0):
 def test_sampling_settings():
   logits = _logits()
   greedy = np.asarray(jnp.argmax(logits, -1))
-  key = G.sampling_key(1, 2, 3)
-  assert np.array_equal(G.sample(logits, key, 0.0, 0, 1.0), greedy)
-  assert np.array_equal(G.sample(logits, key, 0.0, 5, 0.5), greedy)  # temperature 0 wins
+  key = sampling.sampling_key(1, 2, 3)
+  assert np.array_equal(G.default_fns().sample(logits, key, 0.0, 0, 1.0), greedy)
+  assert np.array_equal(G.default_fns().sample(logits, key, 0.0, 5, 0.5), greedy)  # temperature 0 wins
   order = np.argsort(-np.asarray(logits), axis=-1)
   for t in range(30):
-    k = G.sampling_key(1, 2, t)
-    assert np.array_equal(G.sample(logits, k, 1.0, 1, 1.0), greedy)  # top_k = 1
-    assert np.array_equal(G.sample(logits, k, 1.5, 0, 1e-6), greedy)  # tiny top_p
-    tok = np.asarray(G.sample(logits, k, 2.0, 4, 1.0))
+    k = sampling.sampling_key(1, 2, t)
+    assert np.array_equal(G.default_fns().sample(logits, k, 1.0, 1, 1.0), greedy)  # top_k = 1
+    assert np.array_equal(G.default_fns().sample(logits, k, 1.5, 0, 1e-6), greedy)  # tiny top_p
+    tok = np.asarray(G.default_fns().sample(logits, k, 2.0, 4, 1.0))
     assert all(tok[i] in order[i, :4] for i in range(len(tok)))  # never outside the top-k
   # Same key -> same sample; another key -> (eventually) another.
-  a = G.sample(logits, key, 1.0, 0, 1.0)
-  assert np.array_equal(a, G.sample(logits, key, 1.0, 0, 1.0))
-  assert any(not np.array_equal(a, G.sample(logits, G.sampling_key(1, 2, t), 1.0, 0, 1.0))
+  a = G.default_fns().sample(logits, key, 1.0, 0, 1.0)
+  assert np.array_equal(a, G.default_fns().sample(logits, key, 1.0, 0, 1.0))
+  assert any(not np.array_equal(a, G.default_fns().sample(logits, sampling.sampling_key(1, 2, t), 1.0, 0, 1.0))
              for t in range(4, 8))
   with pytest.raises(ValueError):
-    G.sample(logits, key, -1.0, 0, 1.0)
+    G.default_fns().sample(logits, key, -1.0, 0, 1.0)
   with pytest.raises(ValueError):
-    G.sample(logits, key, 1.0, 0, 0.0)
+    G.default_fns().sample(logits, key, 1.0, 0, 0.0)
 
 
 def test_sampling_distribution_top_p_and_temperature():
   probs = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
   rows = 4000
   logits = jnp.asarray(np.tile(np.log(probs), (rows, 1)))
-  key = G.sampling_key(0, 0, 0)
-  freq = np.bincount(np.asarray(G.sample(logits, key, 1.0, 0, 1.0)), minlength=4) / rows
+  key = sampling.sampling_key(0, 0, 0)
+  freq = np.bincount(np.asarray(G.default_fns().sample(logits, key, 1.0, 0, 1.0)), minlength=4) / rows
   np.testing.assert_allclose(freq, probs, atol=0.03)  # temperature 1: the softmax itself
   # top_p = 0.75: the smallest prefix reaching 0.75 is {0, 1}; renormalised 5:3.
-  tok = np.asarray(G.sample(logits, key, 1.0, 0, 0.75))
+  tok = np.asarray(G.default_fns().sample(logits, key, 1.0, 0, 0.75))
   assert set(np.unique(tok)) == {0, 1}
   assert abs(np.mean(tok == 0) - 0.625) < 0.03
   # top_k = 3 renormalises over {0, 1, 2}.
-  tok = np.asarray(G.sample(logits, key, 1.0, 3, 1.0))
+  tok = np.asarray(G.default_fns().sample(logits, key, 1.0, 3, 1.0))
   assert set(np.unique(tok)) == {0, 1, 2}
   # Higher temperature flattens, lower sharpens.
-  hot = np.bincount(np.asarray(G.sample(logits, key, 3.0, 0, 1.0)), minlength=4) / rows
-  cold = np.bincount(np.asarray(G.sample(logits, key, 0.3, 0, 1.0)), minlength=4) / rows
+  hot = np.bincount(np.asarray(G.default_fns().sample(logits, key, 3.0, 0, 1.0)), minlength=4) / rows
+  cold = np.bincount(np.asarray(G.default_fns().sample(logits, key, 0.3, 0, 1.0)), minlength=4) / rows
   assert cold[0] > freq[0] + 0.2 and hot[0] < freq[0] - 0.1 and hot[3] > freq[3] + 0.05
 
 
 def test_sampling_key_derivation():
-  k = G.sampling_key(42, 7, 3)
+  k = sampling.sampling_key(42, 7, 3)
   expect = jax.random.fold_in(jax.random.fold_in(jax.random.key(42), 7), 3)
   assert _bits_equal(jax.random.key_data(k), jax.random.key_data(expect))
-  assert _bits_equal(jax.random.key_data(k), jax.random.key_data(G.sampling_key(42, 7, 3)))
-  datas = {np.asarray(jax.random.key_data(G.sampling_key(s, b, t))).tobytes()
+  assert _bits_equal(jax.random.key_data(k), jax.random.key_data(sampling.sampling_key(42, 7, 3)))
+  datas = {np.asarray(jax.random.key_data(sampling.sampling_key(s, b, t))).tobytes()
            for s, b, t in [(42, 7, 3), (42, 7, 4), (42, 8, 3), (43, 7, 3)]}
   assert len(datas) == 4
 
@@ -222,8 +216,8 @@ def test_sampling_key_derivation():
 # LoRA: un-merged adapters as trained vs merged kernels.
 
 
-def test_merge_lora(tmp_path):
-  F.write_tiny_checkpoint(tmp_path, "qwen3", seed=5)
+def test_merge_lora(tiny_hf, tmp_path):
+  tiny_hf.write_tiny_checkpoint(tmp_path, "qwen3", seed=5)
   lora = M.LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
   cfg, units = H.load_hf_model(tmp_path, lora=lora, seed=1)
   blocked = _blocked(cfg, units, 2)
@@ -231,7 +225,7 @@ def test_merge_lora(tmp_path):
   # Trained-looking adapters: lora_b is zero at init.
   blocked.trainable = jax.tree.map(
       lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), blocked.trainable)
-  merged = G.merge_lora(blocked)
+  merged = grid.merge_lora(blocked)
   assert not any(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(
       nnx.state(grid.merge_units(merged)), is_leaf=lambda v: isinstance(v, nnx.Variable)))
   # Same structure as a model built without LoRA, same block cut.
@@ -264,19 +258,10 @@ def test_merge_lora(tmp_path):
 # Parity with Hugging Face transformers' greedy generate.
 
 
-@pytest.fixture(scope="module")
-def hf():
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  transformers.logging.set_verbosity_error()
-  transformers.logging.disable_progress_bar()
-  return torch, transformers
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_greedy_matches_transformers(hf, tmp_path, arch):
+def test_greedy_matches_transformers(tiny_hf, hf, tmp_path, arch):
   torch, transformers = hf
-  config = F.write_tiny_checkpoint(tmp_path, arch, seed=21)
+  config = tiny_hf.write_tiny_checkpoint(tmp_path, arch, seed=21)
   eos, n = config["eos_token_id"], 10
   prompts = [[1, 40, 9, 77, 5, 13, 90], [1, 64, 3]]
   cfg, units = H.load_hf_model(tmp_path)

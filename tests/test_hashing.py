@@ -13,10 +13,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from aftune import hashing as H
+from aftune.crypto import hashing as H
 
-DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "hashing.md"
-REPO = DOC.parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Literal vectors, also printed in docs/hashing.md: a change of byte layout
 # must fail here and be re-documented there.
@@ -61,10 +60,6 @@ def vector_doc():
 # --- an independent reimplementation written from docs/hashing.md ----------
 
 
-def ref_h(tag: bytes, body: bytes) -> bytes:
-  return blake3.blake3(struct.pack("<Q", len(tag)) + tag + body).digest()
-
-
 def ref_tensor_body(name: str, shape, raw: bytes) -> bytes:
   out = struct.pack("<Q", len(name)) + name.encode() + struct.pack("<Q", len(shape))
   return out + b"".join(struct.pack("<Q", d) for d in shape) + raw
@@ -78,9 +73,7 @@ def ref_path(comps) -> bytes:
   return out
 
 
-def test_vectors_in_doc():
-  # Whitespace-free, since the doc wraps long hex over lines.
-  text = "".join(DOC.read_text(encoding="utf-8").split())
+def test_vectors_in_doc(hashing_doc):
   for v in [
     VEC_F32,
     VEC_F32_PREIMAGE,
@@ -92,10 +85,10 @@ def test_vectors_in_doc():
     VEC_JSON_BYTES,
     VEC_JSON,
   ] + [d for _, d in VEC_TREE_LEAVES]:
-    assert v in text, f"vector {v[:16]}... missing from docs/hashing.md"
+    assert v in hashing_doc, f"vector {v[:16]}... missing from docs/hashing.md"
 
 
-def test_tensor_vectors():
+def test_tensor_vectors(ref_h):
   a = np.arange(6, dtype=np.float32).reshape(2, 3)
   assert H.hash_array(a).hex() == VEC_F32
   assert blake3.blake3(bytes.fromhex(VEC_F32_PREIMAGE)).hexdigest() == VEC_F32
@@ -113,7 +106,7 @@ def test_tensor_vectors():
   assert ref_h(H.TAG_TENSOR, ref_tensor_body("int32", (), raw_i32)).hex() == VEC_I32_SCALAR
 
 
-def test_key_vector():
+def test_key_vector(ref_h):
   key = jax.random.key(0)
   assert H.hash_key(key).hex() == VEC_KEY0
   assert H.hash_array(key).hex() == VEC_KEY0
@@ -130,7 +123,7 @@ def test_key_vector():
     H.hash_key(jax.random.PRNGKey(0))
 
 
-def test_pytree_vector():
+def test_pytree_vector(ref_h):
   tree = vector_tree()
   assert H.hash_pytree(tree).hex() == VEC_TREE
   leaves = H.pytree_leaf_hashes(tree)
@@ -145,7 +138,7 @@ def test_pytree_vector():
   assert H.hash_pytree(vector_batch()).hex() != VEC_BATCH
 
 
-def test_json_vector():
+def test_json_vector(ref_h):
   assert H.canonical_json_bytes(vector_doc()) == VEC_JSON_BYTES.encode("utf-8")
   assert H.hash_json(vector_doc()).hex() == VEC_JSON
   assert ref_h(H.TAG_JSON, VEC_JSON_BYTES.encode("utf-8")).hex() == VEC_JSON
@@ -284,7 +277,7 @@ def test_independent_of_device_and_sharding():
 _SHARDED_SCRIPT = """
 import numpy as np, jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from aftune import hashing as H
+from aftune.crypto import hashing as H
 assert len(jax.devices()) == 2, jax.devices()
 a = np.arange(64, dtype=np.float32).reshape(8, 8)
 want = H.hash_array(a)

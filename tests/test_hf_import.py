@@ -8,45 +8,30 @@ docs/hf_import.md).
 
 import dataclasses
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hf_fixtures as F  # noqa: E402
-
-from aftune import grid  # noqa: E402
-from aftune import hf_import as H  # noqa: E402
-from aftune import model as M  # noqa: E402
+from aftune.model import blocks as grid
+from aftune.model import hf_llama as H
+from aftune.model import llama as M
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_TOL = 1e-4  # fp32 round-off; measured figures are ~1e-5 (docs/hf_import.md)
 
 
-def _batch(seed=1, b=2, t=12, pad=4):
+@pytest.fixture
+def batch(tiny_hf):
+  """(tokens, mask) [2, 12] int64: random tokens, the second sequence right-padded by 4."""
+  seed, b, t, pad = 1, 2, 12, 4
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, F.VOCAB, (b, t)).astype(np.int64)
+  tokens = rng.integers(0, tiny_hf.VOCAB, (b, t)).astype(np.int64)
   mask = np.ones((b, t), np.int64)
   mask[1, t - pad:] = 0  # right padding on the second sequence
   return tokens, mask
-
-
-@pytest.fixture(scope="module")
-def hf():
-  """(torch, transformers), imported once per module; skips when not installed."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  transformers.logging.set_verbosity_error()
-  transformers.logging.disable_progress_bar()
-  return torch, transformers
 
 
 def _hf_logits(hf, path, tokens, mask, position_ids=None, dtype="float32"):
@@ -77,18 +62,18 @@ PARITY_CASES = {
 
 
 @pytest.mark.parametrize("case", list(PARITY_CASES))
-def test_logit_parity_with_transformers(hf, tmp_path, case):
+def test_logit_parity_with_transformers(tiny_hf, hf, batch, tmp_path, case):
   kw = PARITY_CASES[case]
-  F.write_tiny_checkpoint(tmp_path, seed=len(case), **kw)
-  tokens, mask = _batch()
+  tiny_hf.write_tiny_checkpoint(tmp_path, seed=len(case), **kw)
+  tokens, mask = batch
   cfg, units = H.load_hf_model(tmp_path)
-  ours = F.forward_logits(units, tokens, mask)
+  ours = tiny_hf.forward_logits(units, tokens, mask)
   model, ref = _hf_logits(hf, tmp_path, tokens, mask)
   real = mask.astype(bool)
   diff = float(np.abs(ours - ref)[real].max())
   scale = float(np.abs(ref[real]).max())
   print(f"\nPARITY {case}: max|diff| = {diff:.3g} (max|logit| = {scale:.3g})")
-  assert ours.shape == ref.shape == (2, 12, F.VOCAB)
+  assert ours.shape == ref.shape == (2, 12, tiny_hf.VOCAB)
   assert diff < PARITY_TOL, (case, diff)
   assert scale > 1.0  # the comparison is not between near-zero logits
   # The rotary frequencies are HF's, and llama3 scaling really changes them here.
@@ -100,29 +85,29 @@ def test_logit_parity_with_transformers(hf, tmp_path, case):
     assert np.all(np.abs(plain - hf_inv_freq) > 1e-3 * plain)
 
 
-def test_left_padding_parity(hf, tmp_path):
+def test_left_padding_parity(tiny_hf, hf, batch, tmp_path):
   """Left padding with the position ids aftune derives from the mask."""
-  F.write_tiny_checkpoint(tmp_path, "qwen3", seed=3)
-  tokens, _ = _batch()
+  tiny_hf.write_tiny_checkpoint(tmp_path, "qwen3", seed=3)
+  tokens, _ = batch
   mask = np.ones_like(tokens)
   mask[1, :5] = 0
   positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
   _, units = H.load_hf_model(tmp_path)
-  ours = F.forward_logits(units, tokens, mask)
+  ours = tiny_hf.forward_logits(units, tokens, mask)
   _, ref = _hf_logits(hf, tmp_path, tokens, mask, position_ids=positions)
   diff = float(np.abs(ours - ref)[mask.astype(bool)].max())
   print(f"\nPARITY qwen3_left_padding: max|diff| = {diff:.3g}")
   assert diff < PARITY_TOL
 
 
-def test_bf16_compute_close_to_transformers_bf16(hf, tmp_path):
+def test_bf16_compute_close_to_transformers_bf16(tiny_hf, hf, batch, tmp_path):
   """dtype="bfloat16": fp32 params, bf16 compute; error vs fp32 comparable to HF's own bf16."""
-  F.write_tiny_checkpoint(tmp_path, "llama", seed=4)
-  tokens, mask = _batch()
+  tiny_hf.write_tiny_checkpoint(tmp_path, "llama", seed=4)
+  tokens, mask = batch
   cfg, units = H.load_hf_model(tmp_path, dtype="bfloat16")
   assert cfg.dtype == "bfloat16" and cfg.param_dtype == "float32"
   assert units["layer_0"].self_attn.q_proj.kernel[...].dtype == np.float32
-  ours = F.forward_logits(units, tokens, mask)
+  ours = tiny_hf.forward_logits(units, tokens, mask)
   _, ref32 = _hf_logits(hf, tmp_path, tokens, mask)
   _, ref16 = _hf_logits(hf, tmp_path, tokens, mask, dtype="bfloat16")
   real = mask.astype(bool)
@@ -137,9 +122,9 @@ def test_bf16_compute_close_to_transformers_bf16(hf, tmp_path):
 # Weights, tying, LoRA (no transformers needed).
 
 
-def test_params_are_checkpoint_weights_transposed(tmp_path):
-  conf = F.write_tiny_checkpoint(tmp_path, "qwen2", seed=5)
-  t = F.tiny_tensors(conf, seed=5)
+def test_params_are_checkpoint_weights_transposed(tiny_hf, tmp_path):
+  conf = tiny_hf.write_tiny_checkpoint(tmp_path, "qwen2", seed=5)
+  t = tiny_hf.tiny_tensors(conf, seed=5)
   cfg, units = H.load_hf_model(tmp_path)
   assert list(units) == list(cfg.unit_names)
   assert (cfg.arch, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.qk_norm) == ("qwen2", True, False, False, False)
@@ -154,10 +139,10 @@ def test_params_are_checkpoint_weights_transposed(tmp_path):
   assert set(H.weight_mapping(cfg)) == set(t)
 
 
-def test_bf16_checkpoint_upcast_exactly(tmp_path):
+def test_bf16_checkpoint_upcast_exactly(tiny_hf, tmp_path):
   import ml_dtypes
-  conf = F.write_tiny_checkpoint(tmp_path, "llama", dtype="bfloat16", sharded=True)
-  t = F.tiny_tensors(conf)
+  conf = tiny_hf.write_tiny_checkpoint(tmp_path, "llama", dtype="bfloat16", sharded=True)
+  t = tiny_hf.tiny_tensors(conf)
   _, units = H.load_hf_model(tmp_path)
   got = units["layer_0"].mlp.down_proj.kernel[...]
   assert got.dtype == np.float32
@@ -165,9 +150,9 @@ def test_bf16_checkpoint_upcast_exactly(tmp_path):
   np.testing.assert_array_equal(got, want)
 
 
-def test_tied_and_untied_embeddings(tmp_path):
-  F.write_tiny_checkpoint(tmp_path, "llama", tied=True)
-  tokens, mask = _batch()
+def test_tied_and_untied_embeddings(tiny_hf, batch, tmp_path):
+  tiny_hf.write_tiny_checkpoint(tmp_path, "llama", tied=True)
+  tokens, mask = batch
   cfg, units = H.load_hf_model(tmp_path)
   assert cfg.tie_embeddings and units["lm_head"].kernel is None
   np.testing.assert_array_equal(units["lm_head"].tied_embedding[...], units["embed"].embedding[...])
@@ -176,40 +161,41 @@ def test_tied_and_untied_embeddings(tmp_path):
   cfg_u, units_u = H.load_hf_model(tmp_path, untie_embeddings=True)
   assert not cfg_u.tie_embeddings
   np.testing.assert_array_equal(units_u["lm_head"].kernel[...], units_u["embed"].embedding[...].T)
-  np.testing.assert_allclose(F.forward_logits(units_u, tokens, mask), F.forward_logits(units, tokens, mask),
+  np.testing.assert_allclose(tiny_hf.forward_logits(units_u, tokens, mask),
+                             tiny_hf.forward_logits(units, tokens, mask),
                              rtol=0, atol=1e-6)
   blocked = grid.split_into_blocks(cfg_u, units_u, 2)  # full fine-tuning: head is its own Param
   assert "kernel" in blocked.trainable[-1]["lm_head"]
   # untie_embeddings on an untied checkpoint changes nothing.
   d2 = tmp_path / "untied"
-  F.write_tiny_checkpoint(d2, "llama")
+  tiny_hf.write_tiny_checkpoint(d2, "llama")
   assert H.load_hf_model(d2, untie_embeddings=True)[0] == H.load_hf_model(d2)[0]
 
 
-def test_tied_checkpoint_with_equal_lm_head_is_accepted(tmp_path):
-  conf = F.write_tiny_checkpoint(tmp_path, "qwen2", tied=True)
-  t = F.tiny_tensors(conf)
+def test_tied_checkpoint_with_equal_lm_head_is_accepted(tiny_hf, tmp_path):
+  conf = tiny_hf.write_tiny_checkpoint(tmp_path, "qwen2", tied=True)
+  t = tiny_hf.tiny_tensors(conf)
   t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
-  F.write_tensors(tmp_path, t)
+  tiny_hf.write_tensors(tmp_path, t)
   cfg, _ = H.load_hf_model(tmp_path)
   assert cfg.tie_embeddings
   t["lm_head.weight"][0, 0] += 1.0
-  F.write_tensors(tmp_path, t)
+  tiny_hf.write_tensors(tmp_path, t)
   with pytest.raises(H.HFImportError, match=r"model\.safetensors: .*'lm_head\.weight' differs"):
     H.load_hf_model(tmp_path)
 
 
-def test_lora_import(tmp_path):
-  conf = F.write_tiny_checkpoint(tmp_path, "qwen3", seed=7)
-  t = F.tiny_tensors(conf, seed=7)
-  tokens, mask = _batch()
+def test_lora_import(tiny_hf, batch, tmp_path):
+  conf = tiny_hf.write_tiny_checkpoint(tmp_path, "qwen3", seed=7)
+  t = tiny_hf.tiny_tensors(conf, seed=7)
+  tokens, mask = batch
   lora = M.LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
   cfg0, units0 = H.load_hf_model(tmp_path)
   cfg, units = H.load_hf_model(tmp_path, lora=lora, seed=11, dropout_rate=0.1)
   assert cfg.lora == lora and cfg.dropout_rate == 0.1
   assert cfg == dataclasses.replace(cfg0, lora=lora, dropout_rate=0.1)
   fresh = M.build_units(cfg, 11)
-  for i in range(F.LAYERS):
+  for i in range(tiny_hf.LAYERS):
     layer, ref = units[f"layer_{i}"], fresh[f"layer_{i}"]
     for lin, ref_lin, hf_name in ((layer.self_attn.q_proj, ref.self_attn.q_proj, "self_attn.q_proj"),
                                   (layer.self_attn.v_proj, ref.self_attn.v_proj, "self_attn.v_proj"),
@@ -219,7 +205,8 @@ def test_lora_import(tmp_path):
       assert float(np.abs(lin.lora_a[...]).max()) > 0
       np.testing.assert_array_equal(lin.lora_b[...], 0.0)
     assert layer.self_attn.k_proj.lora_a is None
-  np.testing.assert_array_equal(F.forward_logits(units, tokens, mask), F.forward_logits(units0, tokens, mask))
+  np.testing.assert_array_equal(tiny_hf.forward_logits(units, tokens, mask),
+                                tiny_hf.forward_logits(units0, tokens, mask))
   blocked = grid.split_into_blocks(cfg, units, 3)
   import jax
   for block in blocked.trainable:  # only adapters train
@@ -227,16 +214,16 @@ def test_lora_import(tmp_path):
       assert str(path[-1].key) in ("lora_a", "lora_b"), path
 
 
-def test_inv_freq_buffers_are_checked_and_skipped(tmp_path):
-  conf = F.write_tiny_checkpoint(tmp_path, "llama", llama3_rope=True)
-  t = F.tiny_tensors(conf)
+def test_inv_freq_buffers_are_checked_and_skipped(tiny_hf, tmp_path):
+  conf = tiny_hf.write_tiny_checkpoint(tmp_path, "llama", llama3_rope=True)
+  t = tiny_hf.tiny_tensors(conf)
   cfg = H.config_from_hf(conf)
   name = "model.layers.0.self_attn.rotary_emb.inv_freq"
   t[name] = M.rope_inv_freq(cfg)
-  F.write_tensors(tmp_path, t)
+  tiny_hf.write_tensors(tmp_path, t)
   H.load_hf_model(tmp_path)
   t[name] = M.rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
-  F.write_tensors(tmp_path, t)
+  tiny_hf.write_tensors(tmp_path, t)
   with pytest.raises(H.HFImportError, match="inv_freq' does not match"):
     H.load_hf_model(tmp_path)
 
@@ -245,26 +232,26 @@ def test_inv_freq_buffers_are_checked_and_skipped(tmp_path):
 # config.json mapping.
 
 
-def test_config_mapping_variants():
-  c = F.tiny_config("qwen3")
+def test_config_mapping_variants(tiny_hf):
+  c = tiny_hf.tiny_config("qwen3")
   cfg = H.config_from_hf(c)
   assert (cfg.head_dim, cfg.hd, cfg.qk_norm, cfg.qkv_bias, cfg.o_bias) == (32, 32, True, False, False)
   assert cfg.rope_theta == 1e6 and cfg.rms_norm_eps == 1e-6
   del c["head_dim"]
   assert H.config_from_hf(c).hd == 128  # transformers' Qwen3Config default
-  c = F.tiny_config("llama", bias=True)
+  c = tiny_hf.tiny_config("llama", bias=True)
   del c["num_key_value_heads"]
   cfg = H.config_from_hf(c)
   assert (cfg.num_kv_heads, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.head_dim) == (4, True, True, True, None)
   c["head_dim"] = 16  # explicit but equal to hidden // heads
   assert H.config_from_hf(c).head_dim is None
   # Legacy "type" key, and rope_theta inside rope_parameters.
-  c = F.tiny_config("llama", llama3_rope=True)
+  c = tiny_hf.tiny_config("llama", llama3_rope=True)
   c["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in c["rope_scaling"].items()}
   assert H.config_from_hf(c).rope_scaling == M.RopeScaling(8.0, 1.0, 4.0, 16)
   del c["rope_scaling"]["original_max_position_embeddings"]  # falls back as transformers does
   assert H.config_from_hf(c).rope_scaling.original_max_position_embeddings == c["max_position_embeddings"]
-  c = F.tiny_config("llama", llama3_rope=True, rope_format="parameters")
+  c = tiny_hf.tiny_config("llama", llama3_rope=True, rope_format="parameters")
   cfg = H.config_from_hf(c)
   assert cfg.rope_theta == 500000.0 and cfg.rope_scaling.original_max_position_embeddings == 16
   c["rope_parameters"] = {"rope_type": "default", "rope_theta": 1234.0}
@@ -289,29 +276,29 @@ def test_config_mapping_variants():
                         original_max_position_embeddings=32), "conflicting original_max_position"),
     (lambda c: c.update(tie_word_embeddings="yes"), "'tie_word_embeddings' must be true or false"),
 ])
-def test_config_errors(tmp_path, edit, pattern):
-  c = F.write_tiny_checkpoint(tmp_path, "llama")
+def test_config_errors(tiny_hf, tmp_path, edit, pattern):
+  c = tiny_hf.write_tiny_checkpoint(tmp_path, "llama")
   edit(c)
   (tmp_path / "config.json").write_text(json.dumps(c))
   with pytest.raises(H.HFImportError, match="config.json: .*" + pattern):
     H.load_hf_model(tmp_path)
 
 
-def test_sliding_window_rejected():
-  c = F.tiny_config("qwen2")
+def test_sliding_window_rejected(tiny_hf):
+  c = tiny_hf.tiny_config("qwen2")
   c.update(use_sliding_window=True, sliding_window=8, max_window_layers=1)
   with pytest.raises(H.HFImportError, match=r"sliding-window attention \(layers \[1\]\)"):
     H.config_from_hf(c)
   c["max_window_layers"] = 2  # no layer actually slides
   H.config_from_hf(c)
-  c = F.tiny_config("qwen3")
+  c = tiny_hf.tiny_config("qwen3")
   c["layer_types"] = ["full_attention", "sliding_attention"]
   with pytest.raises(H.HFImportError, match="sliding-window"):
     H.config_from_hf(c)
 
 
-def test_bad_arguments():
-  c = F.tiny_config("llama")
+def test_bad_arguments(tiny_hf):
+  c = tiny_hf.tiny_config("llama")
   with pytest.raises(ValueError, match="dtype"):
     H.config_from_hf(c, dtype="int8")
   with pytest.raises(ValueError, match="LoRA"):
@@ -328,12 +315,12 @@ def _rewrite(path, edit):
   save_file(t, str(path))
 
 
-def test_missing_files(tmp_path):
+def test_missing_files(tiny_hf, tmp_path):
   with pytest.raises(H.HFImportError, match="does not exist"):
     H.load_hf_model(tmp_path / "nope")
   with pytest.raises(H.HFImportError, match=r"config\.json: missing config\.json"):
     H.load_hf_model(tmp_path)
-  F.write_tiny_checkpoint(tmp_path, "llama")
+  tiny_hf.write_tiny_checkpoint(tmp_path, "llama")
   (tmp_path / "model.safetensors").unlink()
   (tmp_path / "pytorch_model.bin").write_bytes(b"")
   with pytest.raises(H.HFImportError, match=r"missing weights: neither model\.safetensors nor "
@@ -341,8 +328,8 @@ def test_missing_files(tmp_path):
     H.load_hf_model(tmp_path)
 
 
-def test_malformed_json(tmp_path):
-  F.write_tiny_checkpoint(tmp_path, "llama", sharded=True)
+def test_malformed_json(tiny_hf, tmp_path):
+  tiny_hf.write_tiny_checkpoint(tmp_path, "llama", sharded=True)
   good = (tmp_path / "config.json").read_text()
   (tmp_path / "config.json").write_text(good[:-10])
   with pytest.raises(H.HFImportError, match=r"config\.json: malformed JSON"):
@@ -359,16 +346,16 @@ def test_malformed_json(tmp_path):
     H.load_hf_model(tmp_path)
 
 
-def test_missing_tensor(tmp_path):
-  F.write_tiny_checkpoint(tmp_path, "qwen3")
+def test_missing_tensor(tiny_hf, tmp_path):
+  tiny_hf.write_tiny_checkpoint(tmp_path, "qwen3")
   _rewrite(tmp_path / "model.safetensors", lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
   with pytest.raises(H.HFImportError, match=r"model\.safetensors: missing tensor "
                      r"'model\.layers\.1\.self_attn\.k_norm\.weight' required by config\.json"):
     H.load_hf_model(tmp_path)
 
 
-def test_missing_lm_head_when_untied(tmp_path):
-  F.write_tiny_checkpoint(tmp_path, "llama", sharded=True)
+def test_missing_lm_head_when_untied(tiny_hf, tmp_path):
+  tiny_hf.write_tiny_checkpoint(tmp_path, "llama", sharded=True)
   shard = tmp_path / "model-00003-of-00003.safetensors"
   _rewrite(shard, lambda t: t.pop("lm_head.weight"))
   idx = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -378,8 +365,8 @@ def test_missing_lm_head_when_untied(tmp_path):
     H.load_hf_model(tmp_path)
 
 
-def test_unexpected_tensor(tmp_path):
-  F.write_tiny_checkpoint(tmp_path, "qwen2")
+def test_unexpected_tensor(tiny_hf, tmp_path):
+  tiny_hf.write_tiny_checkpoint(tmp_path, "qwen2")
   _rewrite(tmp_path / "model.safetensors",
            lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)}))
   with pytest.raises(H.HFImportError, match=r"model\.safetensors: unexpected tensor "
@@ -387,15 +374,15 @@ def test_unexpected_tensor(tmp_path):
     H.load_hf_model(tmp_path)
 
 
-def test_shape_mismatch(tmp_path):
-  F.write_tiny_checkpoint(tmp_path, "llama", sharded=True)
+def test_shape_mismatch(tiny_hf, tmp_path):
+  tiny_hf.write_tiny_checkpoint(tmp_path, "llama", sharded=True)
   _rewrite(tmp_path / "model-00002-of-00003.safetensors",
            lambda t: t.update({"model.layers.1.mlp.up_proj.weight": np.zeros((96, 64), np.float32)}))
   with pytest.raises(H.HFImportError, match=r"model-00002-of-00003\.safetensors: tensor "
                      r"'model\.layers\.1\.mlp\.up_proj\.weight' has shape \[96, 64\], expected \[128, 64\]"):
     H.load_hf_model(tmp_path)
   # A config that disagrees with the weights is the same error.
-  F.write_tiny_checkpoint(tmp_path / "b", "qwen3")
+  tiny_hf.write_tiny_checkpoint(tmp_path / "b", "qwen3")
   c = json.loads((tmp_path / "b" / "config.json").read_text())
   c["head_dim"] = 16
   (tmp_path / "b" / "config.json").write_text(json.dumps(c))
@@ -404,13 +391,13 @@ def test_shape_mismatch(tmp_path):
     H.load_hf_model(tmp_path / "b")
 
 
-def test_index_problems(tmp_path):
-  F.write_tiny_checkpoint(tmp_path, "llama", sharded=True)
+def test_index_problems(tiny_hf, tmp_path):
+  tiny_hf.write_tiny_checkpoint(tmp_path, "llama", sharded=True)
   (tmp_path / "model-00002-of-00003.safetensors").unlink()
   with pytest.raises(H.HFImportError, match=r"model\.safetensors\.index\.json: points to missing shard "
                      r"'model-00002-of-00003\.safetensors'"):
     H.load_hf_model(tmp_path)
-  F.write_tiny_checkpoint(tmp_path, "llama", sharded=True)
+  tiny_hf.write_tiny_checkpoint(tmp_path, "llama", sharded=True)
   idx = json.loads((tmp_path / "model.safetensors.index.json").read_text())
   idx["weight_map"]["model.norm.weight"] = "model-00001-of-00003.safetensors"
   (tmp_path / "model.safetensors.index.json").write_text(json.dumps(idx))
@@ -424,8 +411,8 @@ def test_index_problems(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "header"])
-def test_corrupt_safetensors(tmp_path, damage):
-  F.write_tiny_checkpoint(tmp_path, "llama")
+def test_corrupt_safetensors(tiny_hf, tmp_path, damage):
+  tiny_hf.write_tiny_checkpoint(tmp_path, "llama")
   f = tmp_path / "model.safetensors"
   data = f.read_bytes()
   f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 8 + data[8:])
@@ -433,8 +420,8 @@ def test_corrupt_safetensors(tmp_path, damage):
     H.load_hf_model(tmp_path)
 
 
-def test_non_float_tensor(tmp_path):
-  F.write_tiny_checkpoint(tmp_path, "llama")
+def test_non_float_tensor(tiny_hf, tmp_path):
+  tiny_hf.write_tiny_checkpoint(tmp_path, "llama")
   _rewrite(tmp_path / "model.safetensors",
            lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}))
   with pytest.raises(H.HFImportError, match=r"'model\.norm\.weight' has dtype I32"):
@@ -450,10 +437,10 @@ def test_load_hf_tokenizer(tmp_path):
     H.load_hf_tokenizer(tmp_path / "missing")
 
 
-def test_symlinked_files_as_in_hf_cache(tmp_path):
+def test_symlinked_files_as_in_hf_cache(tiny_hf, tmp_path):
   """HF cache snapshots hold symlinks into a blobs/ directory: they must load."""
   blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
-  F.write_tiny_checkpoint(blobs, "qwen2", sharded=True)
+  tiny_hf.write_tiny_checkpoint(blobs, "qwen2", sharded=True)
   snap.mkdir(parents=True)
   for f in blobs.iterdir():
     (snap / f.name).symlink_to(f)

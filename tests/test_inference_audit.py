@@ -4,7 +4,7 @@ One tiny model is trained once (module scope: 2 decoder layers, 5 units in 3 lay
 of B_L = 2: k=0 holds embed and layer_0, k=1 layer_1 and final_norm, k=2 lm_head). A batch
 of 3 prompts (5, 13 and 16 tokens) is served for 6 steps, greedy with the eos stop token:
 rows 0 and 1 stop at step 0 and emit padding afterwards, row 2 runs all 6 steps. Every
-attack really generates with its deviation, is recorded and signed by `inference.serve`,
+attack really generates with its deviation, is recorded and signed by `serving.serve`,
 opened as that provider would open it, and every (block k, step t) cell of the 3 x 6 grid
 is verified against the promised model (the training commitment's final model hash): the
 cells the attack touches are rejected with the right check at the right first step, every
@@ -21,16 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aftune import audit
-from aftune import bundle as bundle_lib
-from aftune import data as data_lib
-from aftune import inference
-from aftune import inference_attacks as A
-from aftune import inference_audit
-from aftune import opening
-from aftune import train
-from aftune import verifier
-from test_train import small_config
+from aftune.audit import client as audit
+from aftune.audit import bundle as bundle_lib
+from aftune.data import encoding
+from aftune.data import records as records_lib
+from aftune.infer import serving
+from aftune.attacks import serving as A
+from aftune.audit import infer_provider
+from aftune.audit import infer_verifier
+from aftune.record import tensorfile
+from aftune.audit import provider as provider_lib
+from aftune.train import trainer as train
+from aftune.audit import core
 
 ROOT = Path(__file__).resolve().parent.parent
 K, T = 3, 6
@@ -39,7 +41,7 @@ QUESTIONS = ["hi", "what is the capital of france?", "tell me a joke please"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(small_config, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained")
   train.train(small_config(num_steps=4), workdir)
   return workdir
@@ -47,7 +49,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(trained):
-  return inference.load_from_training(trained)
+  return serving.load_from_training(trained)
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +60,14 @@ def promised(trained):
 
 @pytest.fixture(scope="module")
 def prompts(model):
-  return [data_lib.encode_prompt([data_lib.Message("user", q)], model.tokenizer, model.template)
+  return [encoding.encode_prompt([records_lib.Message("user", q)], model.tokenizer, model.template)
           for q in QUESTIONS]
 
 
 @pytest.fixture(scope="module")
 def settings(model):
   """name -> ServeSettings: greedy, sampled, and sampled with I_A = 2."""
-  greedy = inference.ServeSettings(max_new_tokens=T, stop_tokens=(model.tokenizer.eos_id,),
+  greedy = serving.ServeSettings(max_new_tokens=T, stop_tokens=(model.tokenizer.eos_id,),
                                    pad_id=model.tokenizer.pad_id)
   sampled = dataclasses.replace(greedy, temperature=0.8, top_k=20, top_p=0.9, seed=3, batch_id=1)
   return {"greedy": greedy, "sampled": sampled,
@@ -95,8 +97,8 @@ def commitment_of(record):
 
 
 def tokens_of(record):
-  grid = inference.load_record(record)[2]
-  stored = inference_audit.tensorfile.read(record / "tensors.safetensors.zst")
+  grid = serving.load_record(record)[2]
+  stored = tensorfile.read(record / "tensors.safetensors.zst")
   return np.stack([stored[f"tokens/{t}"] for t in range(grid.num_steps)], axis=1)
 
 
@@ -104,7 +106,7 @@ def audit_cells(record, model, promised, attack=None, *, cells=ALL, mode="exact"
   """Opens cells as the (dishonest) provider of record would and verifies each one."""
   provider = A.DishonestInferenceProvider(record, model, attack or A.Honest(), **reveal)
   commitment = commitment_of(record)
-  return {cell: inference_audit.verify_inference_bundle(
+  return {cell: infer_verifier.verify_inference_bundle(
       provider.open_cell(*cell), commitment=commitment, expected_model_hash=promised, mode=mode)
           for cell in cells}
 
@@ -140,15 +142,15 @@ def test_honest_batch_passes_every_cell(served, model, promised, settings, name)
   else:  # the sampling key matters: another seed samples other tokens
     assert not np.array_equal(tokens, tokens_of(served("honest_greedy")))
   if name == "sampled_sparse":  # block 1's outputs are not stored: the provider regenerates them
-    stored = inference_audit.tensorfile.read(record / "tensors.safetensors.zst")
+    stored = tensorfile.read(record / "tensors.safetensors.zst")
     assert "out/0/0" in stored and "out/0/2" in stored and "out/0/1" not in stored
-  provider = inference_audit.InferenceProvider(record, model)
+  provider = infer_provider.InferenceProvider(record, model)
   commitment = commitment_of(record)
   for cell in ALL:
-    rep = inference_audit.verify_inference_bundle(provider.open_cell(*cell), commitment=commitment,
+    rep = infer_verifier.verify_inference_bundle(provider.open_cell(*cell), commitment=commitment,
                                                   expected_model_hash=promised)
     assert rep.passed, (cell, rep.check, rep.reason)
-  rep = inference_audit.verify_inference_bundle(provider.open_cell(K - 1, T - 1),
+  rep = infer_verifier.verify_inference_bundle(provider.open_cell(K - 1, T - 1),
                                                 commitment=commitment, mode="tolerance")
   assert rep.passed and rep.max_rel_err["loss"] == 0.0
 
@@ -158,19 +160,19 @@ def test_challenge_over_the_inference_commitment(served, model, promised, tmp_pa
   commitment = commitment_of(record)
   ch = audit.draw(commitment, "uniform", m=4, nonce=b"\x07" * 32)
   assert len(ch.cells) == 4 and all(0 <= k < K and 0 <= t < T for k, t in ch.cells)
-  provider = inference_audit.InferenceProvider(record, model)
+  provider = infer_provider.InferenceProvider(record, model)
   paths = provider.open_challenge([tuple(c) for c in ch.cells], tmp_path / "bundles")
   verdict = audit.verify_openings(paths, commitment=commitment, challenge=ch, agreed=None,
                                   expected_model_hash=promised)
   assert verdict["passed"] and verdict["num_cells"] == 4 and verdict["kind"] == "inference"
   # A cell that was not challenged, or a challenge drawn from another root, is refused.
   other = next(c for c in ALL if c not in {tuple(x) for x in ch.cells})
-  rep = inference_audit.verify_inference_bundle(provider.open_cell(*other), commitment=commitment,
+  rep = infer_verifier.verify_inference_bundle(provider.open_cell(*other), commitment=commitment,
                                                 challenge=ch)
   assert (rep.passed, rep.check) == (False, "challenge")
   stale = audit.draw(commitment_of(served("honest_sampled", settings_name="sampled")), "uniform",
                      m=4, nonce=b"\x07" * 32)
-  rep = inference_audit.verify_inference_bundle(provider.open_cell(*ch.cells[0]),
+  rep = infer_verifier.verify_inference_bundle(provider.open_cell(*ch.cells[0]),
                                                 commitment=commitment, challenge=stale)
   assert (rep.passed, rep.check) == (False, "challenge")
 
@@ -236,8 +238,8 @@ def test_perturbed_activation_regenerated(served, model, promised):
   record = served("act_1_2_sparse", attack, "greedy_sparse")
   reports = audit_cells(record, model, promised, attack)
   assert_caught(reports, from_step(1, 2, "fwd_out", 2))
-  with pytest.raises(opening.OpeningError, match="output of block 1 at step 2"):
-    inference_audit.InferenceProvider(record, model).open_cell(2, 2)
+  with pytest.raises(provider_lib.OpeningError, match="output of block 1 at step 2"):
+    infer_provider.InferenceProvider(record, model).open_cell(2, 2)
 
 
 def test_perturbed_activation_in_tolerance_mode(served, model, promised):
@@ -292,7 +294,7 @@ def test_truncated_generation(served, model, promised):
   sees every row's state at the end ("token", step 2, the unfinished rows)."""
   attack = A.Truncated(3)
   record = served("truncated", attack)
-  assert inference.load_record(record)[2].num_steps == 3
+  assert serving.load_record(record)[2].num_steps == 3
   cells = [(k, t) for k in range(K) for t in range(3)]
   reports = audit_cells(record, model, promised, attack, cells=cells)
   assert_caught(reports, {(K - 1, 2): ("token", 2, [2])})
@@ -302,22 +304,37 @@ def test_truncated_generation(served, model, promised):
 # ---- 6: batch composition --------------------------------------------------------------------
 
 
+def later_blocks_caught(reports):
+  """For blocks k >= 1, where a batch-composition attack is caught depends on the CPU's
+  kernels (a block's replay of fewer rows may or may not leave the record: block 1 did on
+  one machine and not on another); what holds everywhere is the shape of a detection: a
+  cell fails exactly when its replay reaches the first step where its block leaves the
+  record. Returns those cells (cell -> (check, step))."""
+  caught = {}
+  for k in range(1, K):
+    failed = sorted(t for (j, t), r in reports.items() if j == k and not r.passed)
+    if failed:
+      first = reports[(k, failed[0])].step
+      caught.update(from_step(k, first, "fwd_out", first))
+  return caught
+
+
 def test_extra_prompt_in_the_batch(served, model, promised, prompts):
-  """Run with a 4th prompt, the agreed 3 rows committed: the activations of blocks 0 and 1
-  differ from the agreed batch's from the prefill on (kernels are not batch-invariant);
-  lm_head's per-row logits happen to be batch-invariant here."""
+  """Run with a 4th prompt, the agreed 3 rows committed: block 0's activations differ from
+  the agreed batch's from the prefill on (kernels are not batch-invariant); later blocks:
+  see `later_blocks_caught`."""
   attack = A.OtherComposition("extra", (tuple(prompts[1]),))
   reports = audit_cells(served("extra_prompt", attack), model, promised, attack)
-  assert_caught(reports, {**from_step(0, 0, "fwd_out", 0), **from_step(1, 0, "fwd_out", 0)})
+  assert_caught(reports, {**from_step(0, 0, "fwd_out", 0), **later_blocks_caught(reports)})
 
 
 def test_each_prompt_run_alone(served, model, promised):
   """Each prompt run alone, assembled into the agreed batch: block 0's prefill output lacks
-  the padding columns (zeros), and from step 1 the decode of blocks 0 and 1 differs. (No
-  stop token: each run alone must last as many steps as the batch.)"""
+  the padding columns (zeros); later blocks: see `later_blocks_caught`. (No stop token:
+  each run alone must last as many steps as the batch.)"""
   attack = A.OtherComposition("solo")
   reports = audit_cells(served("solo", attack, "greedy_nostop"), model, promised, attack)
-  assert_caught(reports, {**from_step(0, 0, "fwd_out", 0), **from_step(1, 1, "fwd_out", 1)})
+  assert_caught(reports, {**from_step(0, 0, "fwd_out", 0), **later_blocks_caught(reports)})
 
 
 def test_reordered_batch_is_the_same_record(served, model, promised):
@@ -340,7 +357,7 @@ def test_promised_weights_under_another_architecture(served, model, promised, tr
   record = served("arch_bf16", attack)
   spec = json.loads((record / "spec.json").read_text())
   assert spec["model_hash"] == promised and spec["model"]["dtype"] == "bfloat16"
-  logits = lambda r: inference_audit.tensorfile.read(r / "tensors.safetensors.zst")["out/0/2"]
+  logits = lambda r: tensorfile.read(r / "tensors.safetensors.zst")["out/0/2"]
   assert not np.array_equal(logits(record), logits(served("honest_greedy")))  # it deviates
   # The weights alone pass; the promised architecture (the agreed job spec's model) does not.
   reports = audit_cells(record, model, promised, attack, cells=[(0, 0), (1, 2), (2, T - 1)])
@@ -349,7 +366,7 @@ def test_promised_weights_under_another_architecture(served, model, promised, tr
   agreed_model = json.loads((trained / "trace" / "job_spec.json").read_text())[
       "hyperparameters"]["model"]
   for cell in [(0, 0), (1, 2), (2, T - 1)]:
-    rep = inference_audit.verify_inference_bundle(
+    rep = infer_verifier.verify_inference_bundle(
         provider.open_cell(*cell), commitment=commitment_of(record), expected_model_hash=promised,
         expected_model_config=agreed_model)
     assert (rep.passed, rep.check, rep.where) == (False, "model", ["dtype"])
@@ -360,19 +377,19 @@ def test_promised_weights_under_another_architecture(served, model, promised, tr
 
 def test_bundle_of_another_batch_and_cells_outside_the_grid(served, model):
   record = served("honest_greedy")
-  provider = inference_audit.InferenceProvider(record, model)
-  other = inference_audit.InferenceProvider(served("honest_sampled", settings_name="sampled"), model)
-  with pytest.raises(verifier.AuditInputError, match="another served batch"):
-    inference_audit.verify_inference_bundle(other.open_cell(0, 1), commitment=provider.commitment)
+  provider = infer_provider.InferenceProvider(record, model)
+  other = infer_provider.InferenceProvider(served("honest_sampled", settings_name="sampled"), model)
+  with pytest.raises(core.AuditInputError, match="another served batch"):
+    infer_verifier.verify_inference_bundle(other.open_cell(0, 1), commitment=provider.commitment)
   for k, t in [(K, 0), (0, T), (-1, 0)]:
-    with pytest.raises(opening.OpeningError, match="outside"):
+    with pytest.raises(provider_lib.OpeningError, match="outside"):
       provider.open_cell(k, t)
   b = provider.open_cell(1, 1)
   b.manifest["cell"] = {"layer_block": 1, "step_block": T}
-  with pytest.raises(verifier.AuditInputError, match="outside"):
-    inference_audit.verify_inference_bundle(b, commitment=provider.commitment)
-  with pytest.raises(verifier.AuditInputError, match="mode"):
-    inference_audit.verify_inference_bundle(provider.open_cell(0, 0),
+  with pytest.raises(core.AuditInputError, match="outside"):
+    infer_verifier.verify_inference_bundle(b, commitment=provider.commitment)
+  with pytest.raises(core.AuditInputError, match="mode"):
+    infer_verifier.verify_inference_bundle(provider.open_cell(0, 0),
                                             commitment=provider.commitment, mode="lenient")
 
 
@@ -384,7 +401,7 @@ def test_bundle_of_another_batch_and_cells_outside_the_grid(served, model):
 ])
 def test_forged_opening(served, model, edit, check, step):
   record = served("honest_greedy")
-  provider = inference_audit.InferenceProvider(record, model)
+  provider = infer_provider.InferenceProvider(record, model)
   b = provider.open_cell(1, 3)
   if edit == "proof":
     entries = [e for e in b.manifest["leaves"] if e["kind"] == "inf_out" and e["step"] == 1]
@@ -393,7 +410,7 @@ def test_forged_opening(served, model, edit, check, step):
     b.manifest["commitment"] = {**b.manifest["commitment"], "merkle_root": "00" * 32}
   else:
     b.tensors[edit] = b.tensors[edit] + (1 if b.tensors[edit].dtype.kind == "i" else 1e-3)
-  rep = inference_audit.verify_inference_bundle(b, commitment=provider.commitment)
+  rep = infer_verifier.verify_inference_bundle(b, commitment=provider.commitment)
   assert (rep.passed, rep.check, rep.step) == (False, check, step), rep.reason
 
 
@@ -409,7 +426,7 @@ def test_cli_serve_challenge_open_verify(trained, tmp_path):
   (tmp_path / "prompts.txt").write_text("\n".join(QUESTIONS[1:]) + "\n")
   record = tmp_path / "served"
   r = _run("experiments.infer", "--workdir", trained, "--prompts", tmp_path / "prompts.txt",
-           "--out", record, "--max_new_tokens", 4)
+           "--out", record, "--serve.max_new_tokens=4")
   assert r.returncode == 0, r.stderr[-3000:]
   r = _run("experiments.challenge", "--commitment", record / "commitment.json", "--strategy",
            "uniform", "--m", 3, "--out", tmp_path / "challenge.json")
@@ -447,10 +464,10 @@ def test_cli_serve_challenge_open_verify(trained, tmp_path):
 def test_the_served_request_must_be_the_clients(served, model, promised, prompts):
   """A provider that honestly commits what it ran is still held to what the client sent."""
   record = served("honest_greedy")
-  provider = inference_audit.InferenceProvider(record, model)
+  provider = infer_provider.InferenceProvider(record, model)
   b = provider.open_cell(0, 0)
   ok = {"prompts": prompts, "settings": {"max_new_tokens": T, "temperature": 0.0}}
-  verify = lambda request: inference_audit.verify_inference_bundle(
+  verify = lambda request: infer_verifier.verify_inference_bundle(
       b, commitment=commitment_of(record), expected_model_hash=promised, expected_request=request)
   assert verify(ok).passed
   rep = verify({**ok, "prompts": prompts[:-1]})

@@ -1,17 +1,12 @@
 """Tests for aftune.merkle: vectors, RFC 9162 proofs, streaming and resume."""
 
 import json
-import pathlib
-import struct
 
-import blake3
 import numpy as np
 import pytest
 
-from aftune import hashing as H
-from aftune import merkle as M
-
-DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "hashing.md"
+from aftune.crypto import hashing as H
+from aftune.crypto import merkle as M
 
 # Literal vectors, also printed in docs/hashing.md.
 VEC_LEAF_BYTES = (
@@ -55,24 +50,24 @@ def leaves(n, seed=0):
 # --- reference MTH written from docs/hashing.md ---------------------------
 
 
-def ref_h(tag, body):
-  return blake3.blake3(struct.pack("<Q", len(tag)) + tag + body).digest()
+@pytest.fixture(scope="module")
+def ref_mth(ref_h):
+  """ref_mth(d) -> the Merkle tree hash of the leaf hashes d."""
+
+  def mth(d):
+    if not d:
+      return ref_h(b"aftune/v1/empty-tree", b"")
+    if len(d) == 1:
+      return d[0]
+    k = 1
+    while k * 2 < len(d):
+      k *= 2
+    return ref_h(b"aftune/v1/node", mth(d[:k]) + mth(d[k:]))
+
+  return mth
 
 
-def ref_mth(d):
-  if not d:
-    return ref_h(b"aftune/v1/empty-tree", b"")
-  if len(d) == 1:
-    return d[0]
-  k = 1
-  while k * 2 < len(d):
-    k *= 2
-  return ref_h(b"aftune/v1/node", ref_mth(d[:k]) + ref_mth(d[k:]))
-
-
-def test_vectors_in_doc():
-  # Whitespace-free, since the doc wraps long hex over lines.
-  text = "".join(DOC.read_text(encoding="utf-8").split())
+def test_vectors_in_doc(hashing_doc):
   for v in [
     *VEC_D,
     VEC_NODE_23,
@@ -84,10 +79,10 @@ def test_vectors_in_doc():
     *VEC_PROOF_2_OF_5,
     *VEC_CONSISTENCY_3_TO_5,
   ]:
-    assert v in text, f"vector {v[:16]}... missing from docs/hashing.md"
+    assert v in hashing_doc, f"vector {v[:16]}... missing from docs/hashing.md"
 
 
-def test_leaf_vector():
+def test_leaf_vector(ref_h):
   payload = H.hash_scalar(2.5, np.float32)
   data = M.leaf_bytes("loss", 3, -1, payload)
   assert data.hex() == VEC_LEAF_BYTES
@@ -108,7 +103,7 @@ def test_leaf_binds_meaning():
       M.leaf_bytes(*bad, p)
 
 
-def test_root_vectors():
+def test_root_vectors(ref_mth):
   d = vector_leaves()
   assert [h.hex() for h in d] == VEC_D
   assert M.node_hash(d[2], d[3]).hex() == VEC_NODE_23
@@ -132,7 +127,7 @@ def test_root_vectors():
   )
 
 
-def test_streaming_root_every_prefix_and_tree_levels():
+def test_streaming_root_every_prefix_and_tree_levels(ref_mth):
   d = leaves(70)
   s = M.StreamingMerkle()
   assert s.root() == M.empty_root()
@@ -146,7 +141,7 @@ def test_streaming_root_every_prefix_and_tree_levels():
     assert M.merkle_root(lambda j: d[j], i + 1) == want
 
 
-def test_state_round_trip():
+def test_state_round_trip(ref_mth):
   d = leaves(45)
   s = M.StreamingMerkle()
   for i, h in enumerate(d):
@@ -168,7 +163,7 @@ def test_state_round_trip():
     s.append(b"short")
 
 
-def test_inclusion_all_indices_and_tampering():
+def test_inclusion_all_indices_and_tampering(ref_mth):
   d = leaves(33)
   other = leaves(1, seed=9)[0]
   for n in range(1, 34):
@@ -205,7 +200,7 @@ def test_inclusion_all_indices_and_tampering():
   assert not M.verify_inclusion(d[0], 0, 2, [b"short"], d[0])
 
 
-def test_consistency_all_sizes():
+def test_consistency_all_sizes(ref_mth):
   d = leaves(20)
   tree = M.MerkleTree(d)
   roots = [tree.root(n) for n in range(21)]

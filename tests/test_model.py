@@ -3,12 +3,12 @@
 import jax.numpy as jnp
 import numpy as np
 
-from aftune import model as model_lib
-from aftune import step as step_lib
+from aftune.model import llama as model_lib
+from aftune.train import step as step_lib
 
 
 def _logits(units, tokens, attn_mask):
-  ctx = {"positions": step_lib.positions_from_mask(attn_mask), "attn_mask": attn_mask, "key": None}
+  ctx = {"positions": model_lib.positions_from_mask(attn_mask), "attn_mask": attn_mask, "key": None}
   x = tokens
   for unit in units.values():
     x = unit(x, ctx)

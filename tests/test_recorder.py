@@ -10,15 +10,17 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from aftune.attacks import forgery
+from aftune.record import history as history_lib
+from aftune.record import commitment as commitment_lib
 
-from aftune import hashing
-from aftune import integrity
-from aftune import merkle
-from aftune import signing
-from aftune import tensorfile
-from aftune import trace
-from aftune import train
-from test_train import small_config
+from aftune.crypto import hashing
+from aftune.record import integrity
+from aftune.crypto import merkle
+from aftune.crypto import signing
+from aftune.record import tensorfile
+from aftune.record import layout as trace
+from aftune.train import trainer as train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +58,7 @@ def test_tensorfile_roundtrip_and_damage(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory):
+def recorded(small_config, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("recorded")
   result = train.train(small_config(), workdir)
   return workdir, result
@@ -86,13 +88,13 @@ def test_recorded_run_has_a_signed_commitment_over_the_whole_trace(recorded):
 
 def test_signature_cli(recorded):
   workdir, _ = recorded
-  cmd = [sys.executable, "-m", "aftune.signing", "verify", str(workdir / "commitment.json")]
+  cmd = [sys.executable, "-m", "experiments.sign", "verify", str(workdir / "commitment.json")]
   assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
 
 
 def test_inclusion_proofs_for_every_kind(recorded):
   workdir, _ = recorded
-  doc = integrity.load_commitment(workdir / "commitment.json")
+  doc = commitment_lib.load(workdir / "commitment.json")
   grid, leaves = integrity.load_leaves(workdir, doc)
   hashes = [l.hash() for l in leaves]
   root = hashing.from_hex(doc["merkle_root"])
@@ -136,7 +138,7 @@ def test_damaged_trace_is_detected(recorded, tmp_path, damage):
     integrity.check_workdir(workdir)
 
 
-def test_resume_reproduces_the_uninterrupted_root(recorded, tmp_path):
+def test_resume_reproduces_the_uninterrupted_root(small_config, recorded, tmp_path):
   workdir, _ = recorded
   c = small_config()
   train.train(c, tmp_path, stop_after_steps=7)  # last checkpoint at step 4, leaves past it
@@ -149,13 +151,14 @@ def test_resume_reproduces_the_uninterrupted_root(recorded, tmp_path):
   integrity.check_workdir(tmp_path)
 
 
-def test_record_flag_off_writes_no_trace(tmp_path):
+def test_record_flag_off_writes_no_trace(small_config, tmp_path):
   train.train(small_config(num_steps=2, record=False), tmp_path)
   assert not (tmp_path / "trace").exists() and not (tmp_path / "commitment.json").exists()
 
 
-def test_job_id_binds_hyperparameters(tmp_path):
-  from aftune import job as job_lib, jobspec
+def test_job_id_binds_hyperparameters(small_config, tmp_path):
+  from aftune.train import job as job_lib
+  from aftune.record import jobspec
   a = jobspec.build_job_spec(job_lib.build_job(small_config()))
   b = jobspec.build_job_spec(job_lib.build_job(small_config(**{"optim.learning_rate": 0.5})))
   assert jobspec.job_id(a) != jobspec.job_id(b)
@@ -168,8 +171,9 @@ def test_sigkill_at_any_point_then_resume_gives_the_same_root(recorded, tmp_path
   want = json.loads((workdir / "commitment.json").read_text())["merkle_root"]
   script = (
       "import sys; sys.path.insert(0, 'tests'); sys.path.insert(0, '.')\n"
-      "from test_train import small_config\nfrom aftune import train\n"
-      f"train.train(small_config(), {str(tmp_path)!r})\n")
+      "from conftest import make_small_config\n"
+      "from aftune.train import trainer as train\n"
+      f"train.train(make_small_config(), {str(tmp_path)!r})\n")
   rng = np.random.default_rng(0)
   for delay in rng.uniform(4.0, 12.0, size=2):
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -185,22 +189,21 @@ def test_sigkill_at_any_point_then_resume_gives_the_same_root(recorded, tmp_path
 
 def test_history_of_signed_roots_is_proven_to_the_client(recorded, tmp_path):
   import shutil
-  from aftune import attacks
   workdir = tmp_path / "copy"
   shutil.copytree(recorded[0], workdir)
   received = [json.loads(p.read_text()) for p in sorted((workdir / "trace" / "roots").glob("*.json"))]
   commitment = json.loads((workdir / "commitment.json").read_text())
-  history = integrity.prove_history(workdir)
+  history = history_lib.prove_history(workdir)
   assert len(history["roots"]) == 4
-  assert integrity.verify_history(history, commitment, received) == []
+  assert history_lib.verify_history(history, commitment, received) == []
   # The provider rewrites a leaf of step 1 (before the signed roots of steps 4, 8, 12)
   # and re-signs the final commitment: the new final tree no longer extends them.
-  forged = attacks.forge_leaf(workdir, "loss", 1, -1)
-  problems = integrity.verify_history(integrity.prove_history(workdir), forged, received)
+  forged = forgery.forge_leaf(workdir, "loss", 1, -1)
+  problems = history_lib.verify_history(history_lib.prove_history(workdir), forged, received)
   assert len(problems) == 3 and all("history rewritten" in p for p in problems)
   # Dropping a root the client received is caught too.
   history["roots"] = history["roots"][1:]
-  assert any("missing" in p for p in integrity.verify_history(history, commitment, received))
+  assert any("missing" in p for p in history_lib.verify_history(history, commitment, received))
 
 
 def test_history_cli(recorded, tmp_path):

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from aftune import signing as S
-from aftune.hashing import canonical_json_bytes
+from aftune.crypto import signing as S
+from aftune.crypto.hashing import canonical_json_bytes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def _cli(*args):
   env = dict(os.environ)
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
   return subprocess.run(
-    [sys.executable, "-m", "aftune.signing", *map(str, args)],
+    [sys.executable, "-m", "experiments.sign", *map(str, args)],
     env=env,
     capture_output=True,
     text=True,

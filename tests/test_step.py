@@ -6,10 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from aftune import grid
-from aftune import model as model_lib
-from aftune import optim
-from aftune import step as step_lib
+from aftune.model import blocks as grid
+from aftune.model import llama as model_lib
+from aftune.train import optim
+from aftune.train import step as step_lib
 
 B, T, V = 4, 16, 97
 
@@ -48,7 +48,7 @@ def _run(blocked, opt_cfg, num_steps, impl="blocked"):
                                                         blocked.frozen, batch, key)
       losses.append(trace.loss)
     else:
-      params, opt_states, loss, _ = step_lib.plain_step(blocked.specs, opt_cfg, params, opt_states,
+      params, opt_states, loss, _ = step_lib.default_fns().plain_step(blocked.specs, opt_cfg, params, opt_states,
                                                         blocked.frozen, batch, key)
       losses.append(loss)
   return params, opt_states, np.array(losses)
@@ -113,7 +113,8 @@ def test_norm_partials_are_in_model_order_whatever_the_grouping():
   cfg = model_lib.ModelConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_layers=12,
                               num_heads=2, num_kv_heads=1)
   units = model_lib.build_units(cfg, seed=0)
-  flat = lambda bl: np.concatenate([np.asarray(optim.sq_norm_partials(t)) for t in bl.trainable])
+  flat = lambda bl: np.concatenate([np.asarray(optim.sq_norm_partials(t, s.unit_names))
+                                    for s, t in zip(bl.specs, bl.trainable)])
   by_1 = flat(grid.split_into_blocks(cfg, units, 1))
   for b_l in (2, 3, 5, 15):
     np.testing.assert_array_equal(flat(grid.split_into_blocks(cfg, units, b_l)), by_1)
@@ -176,7 +177,7 @@ def test_dropout_depends_on_the_step_key():
   _, blocked, opt_cfg = _setup(dropout=0.5)
   spec, p, f = blocked.specs[1], blocked.trainable[1], blocked.frozen[1]
   x = jnp.ones((B, T, 32))
-  y1, _, _ = step_lib.block_fwd(spec, p, f, x, _batch(), jax.random.key(1))
-  y2, _, _ = step_lib.block_fwd(spec, p, f, x, _batch(), jax.random.key(2))
-  y3, _, _ = step_lib.block_fwd(spec, p, f, x, _batch(), None)
+  y1, _, _ = step_lib.default_fns().fwd(spec, p, f, x, _batch(), jax.random.key(1))
+  y2, _, _ = step_lib.default_fns().fwd(spec, p, f, x, _batch(), jax.random.key(2))
+  y3, _, _ = step_lib.default_fns().fwd(spec, p, f, x, _batch(), None)
   assert not np.array_equal(y1, y2) and not np.array_equal(y1, y3)

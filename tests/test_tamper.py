@@ -12,19 +12,22 @@ import shutil
 
 import numpy as np
 import pytest
+from aftune.record import commitment as commitment_lib
+from aftune.attacks import forgery
 
-from aftune import attacks
-from aftune import bundle as bundle_lib
-from aftune import challenge as challenge_lib
-from aftune import hashing
-from aftune import integrity
-from aftune import opening
-from aftune import recorder
-from aftune import tensorfile
-from aftune import trace
-from aftune import train
-from aftune import verifier
-from test_train import small_config
+from aftune.attacks import training as attacks
+from aftune.audit import bundle as bundle_lib
+from aftune.audit import challenge as challenge_lib
+from aftune.crypto import hashing
+from aftune.record import integrity
+from aftune.audit import provider as provider_lib
+from aftune.audit import train_provider
+from aftune.record import recorder
+from aftune.record import tensorfile
+from aftune.record import layout as trace
+from aftune.train import trainer as train
+from aftune.audit import core
+from aftune.audit import train_verifier
 
 CFG = {"num_steps": 8, "audit.steps_per_block": 2, "audit.checkpoint_interval": 1}
 SPARSE = {**CFG, "audit.checkpoint_interval": 2, "audit.activation_interval": 2}
@@ -33,7 +36,7 @@ ALL = [(k, s) for k in range(K) for s in range(S)]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(small_config, tmp_path_factory):
   """run(name, tamper, **config overrides) -> workdir; each named run trains once."""
   cache = {}
 
@@ -56,12 +59,12 @@ def honest(run):
 def agreed(honest):
   """What the client agreed to: the honest job spec's agreed fields."""
   spec = json.loads((honest / "trace" / "job_spec.json").read_text())
-  return {f: spec[f] for f in verifier.AGREED_FIELDS}
+  return {f: spec[f] for f in train_verifier.AGREED_FIELDS}
 
 
 @pytest.fixture(scope="module")
 def honest_bundles(honest):
-  provider = opening.Provider(honest)
+  provider = train_provider.Provider(honest)
   return {cell: provider.open_cell(*cell) for cell in ALL}
 
 
@@ -71,14 +74,14 @@ def commitment_of(workdir):
 
 def agreed_of(workdir):
   spec = json.loads((workdir / "trace" / "job_spec.json").read_text())
-  return {f: spec[f] for f in verifier.AGREED_FIELDS}
+  return {f: spec[f] for f in train_verifier.AGREED_FIELDS}
 
 
 def audit(workdir, agreed, tamper=None, *, strict=True, cells=ALL, **kw):
   """Opens cells as the (dishonest) provider of workdir would and verifies each one."""
-  provider = attacks.DishonestProvider(workdir, tamper, strict=strict)
+  provider = train_provider.Provider(workdir, hooks=tamper, strict=strict)
   commitment = commitment_of(workdir)
-  return {cell: verifier.verify_bundle(provider.open_cell(*cell), commitment=commitment,
+  return {cell: train_verifier.verify_bundle(provider.open_cell(*cell), commitment=commitment,
                                        agreed=agreed, **kw) for cell in cells}
 
 
@@ -104,7 +107,7 @@ def test_honest_run_passes_every_cell_and_many_challenges(honest, honest_bundles
   for cell, b in honest_bundles.items():
     assert not b.manifest["regenerated"]
     for mode in ("exact", "tolerance"):
-      rep = verifier.verify_bundle(b, commitment=commitment, agreed=agreed, mode=mode)
+      rep = train_verifier.verify_bundle(b, commitment=commitment, agreed=agreed, mode=mode)
       assert rep.passed, (cell, mode, rep.check, rep.reason)
   job_id, root = (hashing.from_hex(commitment[f]) for f in ("job_id", "merkle_root"))
   seen = set()
@@ -114,7 +117,7 @@ def test_honest_run_passes_every_cell_and_many_challenges(honest, honest_bundles
                                       num_step_blocks=S, strategy=strategy, m=m,
                                       nonce=i.to_bytes(4, "little") * 8)
     for cell in ch.cells:
-      rep = verifier.verify_bundle(honest_bundles[tuple(cell)], commitment=commitment,
+      rep = train_verifier.verify_bundle(honest_bundles[tuple(cell)], commitment=commitment,
                                    agreed=agreed, challenge=ch)
       assert rep.passed, (i, cell, rep.check, rep.reason)  # never a false rejection
       seen.add(tuple(cell))
@@ -123,13 +126,13 @@ def test_honest_run_passes_every_cell_and_many_challenges(honest, honest_bundles
 
 def test_honest_sparse_storage_is_regenerated_and_passes(run, agreed):
   workdir = run("honest_sparse", **SPARSE)  # checkpoints at 0, 4, 8; boundaries of blocks 0, 2
-  provider = opening.Provider(workdir)
+  provider = train_provider.Provider(workdir)
   commitment = commitment_of(workdir)
   for k, s in [(0, 0), (1, 1), (2, 2), (0, 3), (1, 2), (2, 1)]:  # every row and column
     b = provider.open_cell(k, s)
     # every step block has a start or end state (2 or 6) between checkpoints
     assert b.manifest["regenerated"], (k, s)
-    rep = verifier.verify_bundle(b, commitment=commitment)
+    rep = train_verifier.verify_bundle(b, commitment=commitment)
     assert rep.passed, ((k, s), rep.check, rep.reason)
 
 
@@ -162,7 +165,7 @@ def test_a_unit_edited_mid_block_is_located_to_that_unit(run, agreed):
   workdir = run("unit_mid", attacks.EditedUnitMidRun(step=2, unit="layer_0"),
                 **{"audit.units_per_block": 3})
   spec = json.loads((workdir / "trace" / "job_spec.json").read_text())
-  agreed3 = {f: spec[f] for f in verifier.AGREED_FIELDS}
+  agreed3 = {f: spec[f] for f in train_verifier.AGREED_FIELDS}
   reports = audit(workdir, agreed3, cells=[(0, 1), (1, 1), (0, 0), (0, 2)])
   assert not reports[(0, 1)].passed
   assert (reports[(0, 1)].check, reports[(0, 1)].step, reports[(0, 1)].where) == (
@@ -174,15 +177,15 @@ def test_a_unit_edited_mid_block_is_located_to_that_unit(run, agreed):
 def test_skipped_step_is_caught_when_the_provider_regenerates(run):
   tamper = attacks.SkippedStep(3)
   workdir = run("skip_sparse", tamper, **{"audit.checkpoint_interval": 2})  # ckpts 0, 4, 8
-  with pytest.raises(opening.OpeningError, match="does not match its committed hash"):
-    opening.Provider(workdir).open_cell(0, 1)  # an honest replay cannot reproduce it
-  provider = attacks.DishonestProvider(workdir, tamper)  # replays its own deviation
+  with pytest.raises(provider_lib.OpeningError, match="does not match its committed hash"):
+    train_provider.Provider(workdir).open_cell(0, 1)  # an honest replay cannot reproduce it
+  provider = train_provider.Provider(workdir, hooks=tamper)  # replays its own deviation
   commitment, agreed = commitment_of(workdir), agreed_of(workdir)
   reports = {}
   for cell in [(0, 1), (2, 1), (1, 0), (1, 3)]:
     b = provider.open_cell(*cell)
     assert b.manifest["regenerated"]
-    reports[cell] = verifier.verify_bundle(b, commitment=commitment, agreed=agreed)
+    reports[cell] = train_verifier.verify_bundle(b, commitment=commitment, agreed=agreed)
   assert_caught(reports, {(0, 1): ("params", 3), (2, 1): ("params", 3)})
 
 
@@ -199,8 +202,8 @@ def test_step_with_another_learning_rate_is_caught(run, agreed):
 def test_substituted_batch_with_agreed_indices_is_caught(run, agreed):
   tamper = attacks.SubstitutedBatch(2)
   workdir = run("subst", tamper)
-  with pytest.raises(opening.OpeningError, match="batch"):
-    opening.Provider(workdir).open_cell(0, 1)  # the agreed batch is not what was committed
+  with pytest.raises(provider_lib.OpeningError, match="batch"):
+    train_provider.Provider(workdir).open_cell(0, 1)  # the agreed batch is not what was committed
   reports = audit(workdir, agreed, tamper)  # reveals the examples it really trained on
   assert_caught(reports, every_block(1, "data", 2))
   assert "is not example" in reports[(0, 1)].reason
@@ -282,7 +285,7 @@ def test_attacks_are_caught_in_tolerance_mode_too(run, agreed, name):
   assert_caught(reports, caught)
   for cell in caught:
     kind = reports[cell].check
-    assert reports[cell].max_rel_err[kind] > verifier.TOLERANCES[kind]
+    assert reports[cell].max_rel_err[kind] > core.TOLERANCES[kind]
 
 
 # ---- forged records and openings -------------------------------------------------------
@@ -295,11 +298,11 @@ def test_attacks_are_caught_in_tolerance_mode_too(run, agreed, name):
 def test_forged_hash_in_a_resigned_commitment_is_caught(honest, agreed, tmp_path, leaf, caught):
   forged = tmp_path / "forged"
   shutil.copytree(honest, forged)
-  new = attacks.forge_leaf(forged, *leaf)
+  new = forgery.forge_leaf(forged, *leaf)
   assert new["merkle_root"] != commitment_of(honest)["merkle_root"]
-  assert integrity.load_commitment(forged / "commitment.json") == new  # validly signed
-  with pytest.raises(opening.OpeningError):
-    opening.Provider(forged).open_cell(*next(iter(caught)))
+  assert commitment_lib.load(forged / "commitment.json") == new  # validly signed
+  with pytest.raises(provider_lib.OpeningError):
+    train_provider.Provider(forged).open_cell(*next(iter(caught)))
   with pytest.raises(trace.TraceError, match="rewritten"):
     integrity.check_workdir(forged, tensors=False)  # the periodic signed roots disagree
   assert_caught(audit(forged, agreed, strict=False), caught)
@@ -311,23 +314,23 @@ def test_inclusion_proof_of_another_leaf_is_caught(honest, honest_bundles, agree
   for a, c, step in [(("loss", 2, -1), ("loss", 3, -1), 2),
                      (("fwd_out", 3, 1), ("bwd_in", 3, 1), 3),
                      (("params", 2, 1), ("opt_state", 4, 1), 2)]:
-    rep = verifier.verify_bundle(attacks.swap_proofs(b, a, c), commitment=commitment, agreed=agreed)
+    rep = train_verifier.verify_bundle(forgery.swap_proofs(b, a, c), commitment=commitment, agreed=agreed)
     assert (rep.passed, rep.check, rep.step) == (False, "inclusion", step), (a, c, rep.reason)
-  assert verifier.verify_bundle(b, commitment=commitment, agreed=agreed).passed  # b untouched
+  assert train_verifier.verify_bundle(b, commitment=commitment, agreed=agreed).passed  # b untouched
 
 
 @pytest.mark.parametrize("edit,check,step", [
-    (lambda b: attacks.edit_tensor(b, "step/3/fwd_out/1"), "opening", 3),
-    (lambda b: attacks.edit_tensor(b, "step/2/loss"), "opening", 2),
-    (lambda b: attacks.edit_tensor(b, "state/end/params/layer_1/mlp/up_proj/kernel"), "opening", 4),
-    (lambda b: attacks.edit_tensor(b, "state/start/opt_state/0/mu/final_norm/norm/scale"),
+    (lambda b: forgery.edit_tensor(b, "step/3/fwd_out/1"), "opening", 3),
+    (lambda b: forgery.edit_tensor(b, "step/2/loss"), "opening", 2),
+    (lambda b: forgery.edit_tensor(b, "state/end/params/layer_1/mlp/up_proj/kernel"), "opening", 4),
+    (lambda b: forgery.edit_tensor(b, "state/start/opt_state/0/mu/final_norm/norm/scale"),
      "opening", 2),
-    (lambda b: attacks.drop_leaf(b, ("bwd_in", 3, 1)), "opening", 3),
-    (lambda b: attacks.edit_tensor(b, "step/2/batch/tokens", delta=1), "data", 2),
+    (lambda b: forgery.drop_leaf(b, ("bwd_in", 3, 1)), "opening", 3),
+    (lambda b: forgery.edit_tensor(b, "step/2/batch/tokens", delta=1), "data", 2),
 ])
 def test_opening_that_does_not_match_its_commitment_is_caught(honest, honest_bundles, agreed,
                                                              edit, check, step):
-  rep = verifier.verify_bundle(edit(honest_bundles[(1, 1)]), commitment=commitment_of(honest),
+  rep = train_verifier.verify_bundle(edit(honest_bundles[(1, 1)]), commitment=commitment_of(honest),
                                agreed=agreed)
   assert (rep.passed, rep.check, rep.step) == (False, check, step), rep.reason
 
@@ -339,19 +342,19 @@ def test_commitment_resigned_after_the_challenge_is_caught(honest, agreed, tmp_p
       num_layer_blocks=K, num_step_blocks=S, strategy="stratified", nonce=b"client nonce")
   rewritten = tmp_path / "rewritten"
   shutil.copytree(honest, rewritten)
-  new = attacks.forge_leaf(rewritten, "loss", 7, -1)  # history rewritten, then re-signed
-  provider = attacks.DishonestProvider(rewritten, strict=False)
+  new = forgery.forge_leaf(rewritten, "loss", 7, -1)  # history rewritten, then re-signed
+  provider = train_provider.Provider(rewritten, strict=False)
   for cell in ch.cells:
     b = provider.open_cell(*cell)
     assert b.manifest["commitment"] == new
-    rep = verifier.verify_bundle(b, commitment=original, agreed=agreed, challenge=ch)
+    rep = train_verifier.verify_bundle(b, commitment=original, agreed=agreed, challenge=ch)
     assert (rep.passed, rep.check) == (False, "commitment"), rep.reason
-    rep = verifier.verify_bundle(b, commitment=new, agreed=agreed, challenge=ch)
+    rep = train_verifier.verify_bundle(b, commitment=new, agreed=agreed, challenge=ch)
     assert (rep.passed, rep.check) == (False, "challenge"), rep.reason
 
 
 def _without_entries(b, names=(), prefixes=()):
-  b = attacks._copy(b)
+  b = forgery.copy_bundle(b)
   b.manifest["tensors"] = [e for e in b.manifest["tensors"] if e["name"] not in names]
   b.manifest["trees"] = [e for e in b.manifest["trees"] if e["prefix"] not in prefixes]
   return b
@@ -363,18 +366,18 @@ def test_input_activation_must_match_its_commitment(run, honest, agreed, how):
   is forged). Revealing the real input without listing it (or listed as another leaf)
   must not let cell (1, 2) pass."""
   workdir = run("fwd0", attacks.ForgedForward(step=5, block=0))
-  b = attacks.DishonestProvider(workdir).open_cell(1, 2)
+  b = train_provider.Provider(workdir).open_cell(1, 2)
   name = "step/5/fwd_out/0"
   if how == "unlisted":
     real = tensorfile.read(recorder.step_file(honest, 5, "fwd"))["fwd_out/0"]
     cheat = _without_entries(b, names=[name])
   else:  # listed as the (honest, committed) step-4 activation: a valid leaf, wrong place
-    cheat = attacks._copy(b)
+    cheat = forgery.copy_bundle(b)
     real = cheat.tensors["step/4/fwd_out/0"]
     entry = next(e for e in cheat.manifest["tensors"] if e["name"] == name)
     entry["step"] = 4
   cheat.tensors[name] = np.array(real)
-  rep = verifier.verify_bundle(cheat, commitment=commitment_of(workdir), agreed=agreed)
+  rep = train_verifier.verify_bundle(cheat, commitment=commitment_of(workdir), agreed=agreed)
   assert (rep.passed, rep.check, rep.step) == (False, "opening", 5), (rep.check, rep.reason)
 
 
@@ -383,12 +386,12 @@ def test_unlisted_end_state_cannot_hide_an_update(run, honest_bundles, agreed, m
   """LR x10 at step 5: the provider reveals the honest end state of cell (1, 2) instead of
   the committed one, and drops the end-state entries from the manifest."""
   workdir = run("lr", attacks.LearningRate(5, factor=10.0))
-  cheat = _without_entries(attacks.DishonestProvider(workdir).open_cell(1, 2),
+  cheat = _without_entries(train_provider.Provider(workdir).open_cell(1, 2),
                            prefixes=["state/end/params", "state/end/opt_state"])
   for name, arr in honest_bundles[(1, 2)].tensors.items():
     if name.startswith("state/end/"):
       cheat.tensors[name] = arr
-  rep = verifier.verify_bundle(cheat, commitment=commitment_of(workdir), agreed=agreed, mode=mode)
+  rep = train_verifier.verify_bundle(cheat, commitment=commitment_of(workdir), agreed=agreed, mode=mode)
   assert (rep.passed, rep.check, rep.step) == (False, "opening", 6), (rep.check, rep.reason)
 
 
@@ -398,14 +401,14 @@ def test_unlisted_end_state_cannot_hide_an_update(run, honest_bundles, agreed, m
 def test_bundle_of_another_job_or_outside_the_grid_is_bad_input(run, honest, honest_bundles):
   other = commitment_of(run("honest_sparse", **SPARSE))
   assert other["job_id"] != commitment_of(honest)["job_id"]
-  with pytest.raises(verifier.AuditInputError, match="job"):
-    verifier.verify_bundle(honest_bundles[(0, 0)], commitment=other)
+  with pytest.raises(core.AuditInputError, match="job"):
+    train_verifier.verify_bundle(honest_bundles[(0, 0)], commitment=other)
   for cell in ({"layer_block": K, "step_block": 0}, {"layer_block": 0, "step_block": S},
                {"layer_block": -1, "step_block": 0}):
     b = bundle_lib.Bundle({**honest_bundles[(0, 0)].manifest, "cell": cell},
                           honest_bundles[(0, 0)].tensors)
-    with pytest.raises(verifier.AuditInputError, match="outside"):
-      verifier.verify_bundle(b, commitment=commitment_of(honest))
+    with pytest.raises(core.AuditInputError, match="outside"):
+      train_verifier.verify_bundle(b, commitment=commitment_of(honest))
 
 
 def test_damaged_bundle_files_raise_bundle_error(honest, honest_bundles, agreed, tmp_path):
@@ -413,7 +416,7 @@ def test_damaged_bundle_files_raise_bundle_error(honest, honest_bundles, agreed,
   bundle_lib.write_bundle(path, honest_bundles[(1, 1)])
   back = bundle_lib.read_bundle(path)
   assert back.cell == (1, 1)
-  assert verifier.verify_bundle(back, commitment=commitment_of(honest), agreed=agreed).passed
+  assert train_verifier.verify_bundle(back, commitment=commitment_of(honest), agreed=agreed).passed
   data = path.read_bytes()
   with pytest.raises(bundle_lib.BundleError):
     bundle_lib.read_bundle(tmp_path / "missing.bundle")

@@ -6,33 +6,17 @@ import jax
 import numpy as np
 import pytest
 
-from aftune import job as job_lib
-from aftune import train
-from configs import finetune
+from aftune import errors
 
-
-def small_config(**overrides):
-  c = finetune.get_config("tiny")
-  c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 2
-  c.model.num_heads, c.model.num_kv_heads = 4, 2
-  c.data.max_len, c.data.num_samples = 32, 64
-  c.batch_size, c.num_steps, c.log_every = 4, 12, 4
-  c.audit.steps_per_block, c.audit.checkpoint_interval = 2, 2
-  c.optim.warmup_steps = 2
-  for k, v in overrides.items():
-    node, *path = k.split(".")
-    target = c
-    for p in [node, *path][:-1]:
-      target = target[p]
-    target[[node, *path][-1]] = v
-  return c
+from aftune.train import job as job_lib
+from aftune.train import trainer as train
 
 
 def _leaves_bytes(tree):
   return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
 
 
-def test_run_writes_workdir_files_and_loss_falls(tmp_path):
+def test_run_writes_workdir_files_and_loss_falls(small_config, tmp_path):
   c = small_config(num_steps=24, **{"optim.learning_rate": 1e-2})
   result = train.train(c, tmp_path)
   assert result.step == 24 and len(result.losses) == 24
@@ -46,7 +30,7 @@ def test_run_writes_workdir_files_and_loss_falls(tmp_path):
 
 
 @pytest.mark.parametrize("step_impl", ["blocked", "plain"])
-def test_resume_equals_uninterrupted(tmp_path, step_impl):
+def test_resume_equals_uninterrupted(small_config, tmp_path, step_impl):
   c = small_config(step_impl=step_impl, record=step_impl == "blocked")
   full = train.train(c, tmp_path / "full")
   first = train.train(c, tmp_path / "killed", stop_after_steps=6)  # last checkpoint: step 4
@@ -60,15 +44,15 @@ def test_resume_equals_uninterrupted(tmp_path, step_impl):
   assert steps == [4, 8, 12]
 
 
-def test_workdir_of_another_config_is_refused(tmp_path):
+def test_workdir_of_another_config_is_refused(small_config, tmp_path):
   train.train(small_config(num_steps=2), tmp_path)
   before = (tmp_path / "config.json").read_text()
-  with pytest.raises(job_lib.ConfigError, match="another config"):
+  with pytest.raises(errors.ConfigError, match="another config"):
     train.train(small_config(num_steps=2, **{"optim.learning_rate": 0.5}), tmp_path)
   assert (tmp_path / "config.json").read_text() == before
 
 
-def test_lora_run_keeps_base_frozen(tmp_path):
+def test_lora_run_keeps_base_frozen(small_config, tmp_path):
   c = small_config(num_steps=4, **{"lora.enabled": True})
   result = train.train(c, tmp_path)
   for blk in result.params:
@@ -82,6 +66,6 @@ def test_lora_run_keeps_base_frozen(tmp_path):
     ("data.num_samples", 10**6, "num_samples"),
     ("step_impl", "fused", "step_impl"),
 ])
-def test_bad_config_fails_with_a_clear_error(field, value, match):
+def test_bad_config_fails_with_a_clear_error(small_config, field, value, match):
   with pytest.raises(ValueError, match=match):
     job_lib.build_job(small_config(**{field: value}))

@@ -1,0 +1,164 @@
+"""The client's side of an audit: agree, challenge, verify the openings, write the verdict.
+
+The roles exchange files only:
+  provider -> client:   commitment.json                (signed, after training)
+  client  -> provider:  challenge.json                 (cells, drawn after the root)
+  provider -> verifier: one bundle per challenged cell
+  verifier:             verdict.json + verdict.md
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from aftune import errors
+from aftune import jsonio
+from aftune import provenance
+from aftune.audit import bundle as bundle_lib
+from aftune.audit import challenge as challenge_lib
+from aftune.audit import challenge_doc
+from aftune.audit import core
+from aftune.audit import infer_verifier
+from aftune.audit import train_verifier
+from aftune.crypto import hashing
+from aftune.record import commitment as commitment_lib
+from aftune.record import jobspec
+from aftune.train import job as job_lib
+
+VERDICT_FORMAT = "aftune-verdict/v1"
+
+
+def agreed_fields(job: job_lib.Job) -> dict[str, Any]:
+  """What the client agrees to before training: computed from its config, data and base model."""
+  spec = jobspec.build_job_spec(job)
+  return {f: spec[f] for f in train_verifier.AGREED_FIELDS}
+
+
+def draw(commitment: dict[str, Any], strategy: str, *, m: int | None = None, k: int | None = None,
+         p: float | None = None, nonce: bytes | None = None) -> challenge_doc.Challenge:
+  """A challenge over the committed grid, derived from the root and a client nonce."""
+  g = commitment["grid"]
+  return challenge_lib.draw_challenge(
+      job_id=hashing.from_hex(commitment["job_id"]), root=hashing.from_hex(commitment["merkle_root"]),
+      num_layer_blocks=int(g["num_layer_blocks"]), num_step_blocks=int(g["num_step_blocks"]),
+      strategy=strategy, m=m, k=k, p=p, nonce=nonce)
+
+
+def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str, Any],
+                    challenge: challenge_doc.Challenge | None, agreed: dict[str, Any] | None,
+                    mode: str = "exact", tolerances: dict[str, float] | None = None,
+                    expected_model_hash: str | None = None,
+                    request: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Verifies every bundle (training or inference cells) and assembles the verdict.
+
+  Args:
+    bundle_paths: the provider's bundles.
+    commitment: the client's copy of the signed commitment (training or inference).
+    challenge: the challenge they answer (challenged cells without a bundle fail).
+    agreed: the agreed job-spec fields, or None (training).
+    mode: "exact" or "tolerance".
+    tolerances: overrides of core.TOLERANCES.
+    expected_model_hash: inference: the model the client was promised, or None (its
+      architecture comes from `agreed`, when given).
+    request: inference: the prompts and settings the client sent, or None.
+
+  Returns:
+    The verdict document.
+  """
+  t0 = time.perf_counter()
+  reports = []
+  seen = set()
+  for path in bundle_paths:
+    b = bundle_lib.read_bundle(path)
+    if b.cell in seen:
+      raise core.AuditInputError(f"{path}: a second bundle for cell {b.cell}")
+    seen.add(b.cell)
+    if b.is_inference:
+      reports.append(infer_verifier.verify_inference_bundle(
+          b, commitment=commitment, expected_model_hash=expected_model_hash,
+          expected_model_config=agreed["hyperparameters"]["model"] if agreed else None,
+          expected_request=request, challenge=challenge, mode=mode, tolerances=tolerances))
+    else:
+      reports.append(train_verifier.verify_bundle(b, commitment=commitment, agreed=agreed,
+                                            challenge=challenge, mode=mode, tolerances=tolerances))
+  missing = []
+  if challenge is not None:
+    missing = sorted(tuple(c) for c in challenge.cells if tuple(c) not in seen)
+  cells = [r.to_json() for r in sorted(reports, key=lambda r: (r.layer_block, r.step_block))]
+  for k, s in missing:
+    cells.append({"layer_block": k, "step_block": s, "passed": False, "check": "opening",
+                  "reason": "the provider did not open this challenged cell", "step": None,
+                  "where": None, "num_checks": 0, "max_rel_err": {}, "auth_s": 0.0, "replay_s": 0.0})
+  verdict = {
+      "format": VERDICT_FORMAT,
+      "job_id": commitment["job_id"],
+      "merkle_root": commitment["merkle_root"],
+      "provider_key": commitment["signature"]["public_key"],
+      "kind": "inference" if commitment_lib.is_inference(commitment) else "training",
+      "expected_model_hash": expected_model_hash,
+      "mode": mode,
+      "tolerances": {**core.TOLERANCES, **(tolerances or {})} if mode == "tolerance" else None,
+      "passed": bool(cells) and all(c["passed"] for c in cells),
+      "num_cells": len(cells),
+      "num_failed": sum(not c["passed"] for c in cells),
+      "cells": cells,
+      "challenge": challenge.to_json() if challenge is not None else None,
+      "guarantee": challenge.guarantee() if challenge is not None else None,
+      "verify_s": time.perf_counter() - t0,
+      "verifier_environment": provenance.environment_manifest(),
+  }
+  return verdict
+
+
+def render_markdown(verdict: dict[str, Any]) -> str:
+  """The human-readable report of a verdict."""
+  lines = [
+      f"# Audit verdict: {'PASS' if verdict['passed'] else 'FAIL'}",
+      "",
+      f"- {'served batch' if verdict.get('kind') == 'inference' else 'job'} id: `{verdict['job_id']}`",
+      f"- Merkle root: `{verdict['merkle_root']}`",
+      f"- provider key: `{verdict['provider_key']}`",
+      f"- mode: {verdict['mode']}"
+      + ("" if verdict["mode"] == "exact" else f" (thresholds: {verdict['tolerances']})"),
+      f"- cells checked: {verdict['num_cells']}, failed: {verdict['num_failed']}",
+      f"- verification time: {verdict['verify_s']:.2f} s",
+  ]
+  if verdict.get("guarantee"):
+    lines += ["", "## Guarantee of this sample", "", verdict["guarantee"]["text"]]
+  lines += ["", "## Cells", "", "| layer block | step block | result | checks | auth s | replay s | reason |",
+            "|---|---|---|---|---|---|---|"]
+  for c in verdict["cells"]:
+    where = f" (first at step {c['step']})" if c.get("step") is not None else ""
+    reason = (c["reason"] + where).replace("|", "/") if not c["passed"] else ""
+    lines.append(f"| {c['layer_block']} | {c['step_block']} | {'pass' if c['passed'] else 'FAIL: ' + c['check']} "
+                 f"| {c['num_checks']} | {c['auth_s']:.2f} | {c['replay_s']:.2f} | {reason} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_verdict(verdict: dict[str, Any], json_path: str | Path, md_path: str | Path | None) -> None:
+  jsonio.write_json(json_path, verdict)
+  if md_path is not None:
+    Path(md_path).write_text(render_markdown(verdict))
+
+
+def load_json(path: str | Path) -> Any:
+  """A JSON input of the verifier; a missing or malformed file is an AuditInputError."""
+  return jsonio.load_json(path, core.AuditInputError)
+
+
+def load_agreed(path: str | Path) -> dict[str, Any]:
+  doc = load_json(path)
+  missing = [f for f in train_verifier.AGREED_FIELDS if f not in doc]
+  if missing:
+    raise core.AuditInputError(f"{path}: lacks the agreed fields {missing}")
+  return doc
+
+
+def load_commitment(path: str | Path, public_key: str | None = None) -> dict[str, Any]:
+  """A signed training or inference commitment (signature checked, key pinned if given)."""
+  try:
+    return commitment_lib.load(path, public_key=public_key)
+  except errors.InputError as e:
+    raise core.AuditInputError(str(e)) from None

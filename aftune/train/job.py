@@ -1,0 +1,136 @@
+"""A fine-tuning job: everything a run is a pure function of, built from a config.
+
+Training, the benchmark and the verifier all build the job the same way, so that the
+model, the data encoding, the batch order and the optimizer they use are one thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from aftune.data import chat
+from aftune.data import encoding
+from aftune.data import order
+from aftune.data import records as records_lib
+from aftune.data import tokenizer as tokenizer_lib
+from aftune import errors
+from aftune.model import blocks as grid
+from aftune.model import family
+from aftune.train import optim
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class Job:
+  """The static parts of a run plus its initial state."""
+  config: ml_collections.ConfigDict
+  model_cfg: Any  # the model family's config (hashable)
+  opt_cfg: optim.OptimConfig
+  blocked: grid.BlockedParams  # initial (base) parameters, cut into layer blocks
+  encoded: dict[str, np.ndarray]  # the tokenized dataset, [N, T] arrays
+  tokenizer: tokenizer_lib.TextTokenizer
+  template: chat.ChatTemplate
+  num_steps: int
+  root_key: jax.Array
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.encoded["tokens"].shape[0])
+
+  @property
+  def steps_per_block(self) -> int:
+    return int(self.config.audit.steps_per_block)
+
+  def init_opt_states(self) -> list[PyTree]:
+    return [optim.init_opt_state(self.opt_cfg, p) for p in self.blocked.trainable]
+
+  def example_indices(self, step: int) -> np.ndarray:
+    """Which examples make up the batch of `step`: a pure function of (seed, N, step)."""
+    return order.example_indices_for_step(self.config.seed, self.num_examples,
+                                          self.config.batch_size, step)
+
+  def batch(self, step: int) -> tuple[np.ndarray, dict[str, jax.Array]]:
+    idx = self.example_indices(step)
+    return idx, {k: jnp.asarray(v) for k, v in order.make_batch(self.encoded, idx).items()}
+
+  def step_key(self, step: int) -> jax.Array:
+    return step_key(int(self.config.seed), step)
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+  """The committed per-step key: fold_in(key(seed), step); the verifier recomputes it."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def _optim_config(config: ml_collections.ConfigDict, num_steps: int) -> optim.OptimConfig:
+  o = config.optim
+  return optim.OptimConfig(
+      name=o.name, learning_rate=float(o.learning_rate), momentum=float(o.momentum),
+      weight_decay=float(o.weight_decay), schedule=o.schedule, warmup_steps=int(o.warmup_steps),
+      total_steps=num_steps, end_lr_fraction=float(o.end_lr_fraction), clip_norm=float(o.clip_norm))
+
+
+def build_job(config: ml_collections.ConfigDict) -> Job:
+  """Loads model, tokenizer and data and derives everything the run depends on.
+
+  Args:
+    config: a `configs/finetune.py` config.
+
+  Returns:
+    The Job, with the base parameters cut into layer blocks of B_L units.
+  """
+  hf_path = config.model.hf_path
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise errors.ConfigError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+  if config.step_impl not in ("blocked", "plain"):
+    raise errors.ConfigError(f"step_impl must be blocked or plain, got {config.step_impl!r}")
+  tok_path = config.data.tokenizer_path or (Path(hf_path) / "tokenizer.json" if hf_path else "")
+  if not tok_path:
+    raise errors.ConfigError("data.tokenizer_path is empty and there is no model.hf_path to take "
+                             "it from")
+  tokenizer = tokenizer_lib.load_tokenizer(tok_path)
+  template = chat.get_template(config.data.template)
+  tokenizer_lib.check_template(tokenizer, template)
+  records = records_lib.load_jsonl(config.data.train_path)
+  if config.data.num_samples:
+    if config.data.num_samples > len(records):
+      raise errors.ConfigError(f"data.num_samples={config.data.num_samples} but "
+                               f"{config.data.train_path} holds {len(records)} records")
+    records = records[:config.data.num_samples]
+  encoded = encoding.encode_dataset(records, tokenizer, template, config.data.max_len)
+  n = int(encoded["tokens"].shape[0])
+  if config.num_steps:
+    num_steps = int(config.num_steps)
+  elif config.num_epochs:
+    num_steps = int(config.num_epochs * order.steps_per_epoch(n, config.batch_size))
+  else:
+    raise errors.ConfigError("set num_steps or num_epochs")
+
+  fam = family.get(config.model.arch)
+  if hf_path:
+    model_cfg, units = fam.load_pretrained(hf_path, config)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+      raise errors.ConfigError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the "
+                               f"model {hf_path} only {model_cfg.vocab_size}")
+  else:
+    model_cfg = fam.config_from_sheet(config, tokenizer.vocab_size)
+    units = fam.build_units(model_cfg, config.seed)
+  blocked = grid.split_into_blocks(model_cfg, units, int(config.audit.units_per_block))
+  opt_cfg = _optim_config(config, num_steps)
+  optim.make_optimizer(opt_cfg)  # fail now on a bad optimizer name, not at step 0
+  optim.make_schedule(opt_cfg)
+  return Job(config=config, model_cfg=model_cfg, opt_cfg=opt_cfg, blocked=blocked, encoded=encoded,
+             tokenizer=tokenizer, template=template, num_steps=num_steps,
+             root_key=jax.random.key(config.seed))
+
+
+def count_params(tree: PyTree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
