@@ -14,10 +14,10 @@ The library does the work (`aftune.bench.bench_train`); this file only parses fl
 import json
 from pathlib import Path
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from aftune.bench import timing as bench

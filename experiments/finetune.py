@@ -5,10 +5,10 @@ r"""Fine-tunes a model with the blocked (auditable) step; resumes if the workdir
 The library does the work (`aftune.train.train`); this file only parses flags.
 """
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from aftune.train import trainer as train

@@ -66,8 +66,8 @@ def main(argv):
       raise ValueError(f"{_BUNDLES.value}: no *.bundle files")
     if _MODE.value == "exact":
       _pin_threads(paths)
-    from aftune.audit import client as audit  # pylint: disable=g-import-not-at-top  (imports JAX)
     from aftune.audit import challenge_doc  # pylint: disable=g-import-not-at-top
+    from aftune.audit import client as audit  # pylint: disable=g-import-not-at-top  (imports JAX)
     commitment = audit.load_commitment(_COMMITMENT.value, _PUBLIC_KEY.value)
     ch = challenge_doc.load_challenge(_CHALLENGE.value) if _CHALLENGE.value else None
     agreed = audit.load_agreed(_AGREED.value) if _AGREED.value else None

@@ -86,6 +86,7 @@ VARIANTS = {
 def _blocked_vs_plain(name: str, steps: int, sets: list[str]) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from aftune.train import job as job_lib  # pylint: disable=g-import-not-at-top
   from aftune.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
@@ -168,8 +169,8 @@ def _record_and_open(workdir: Path, steps: int, sets: list[str]) -> tuple[Path, 
 
 def _child(workdir: Path, check_env: bool, tolerance: bool) -> dict:
   """Runs in a fresh process: verifies every bundle of workdir (exact, and tolerance)."""
-  from aftune.audit import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   from aftune import provenance  # pylint: disable=g-import-not-at-top
+  from aftune.audit import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   from aftune.audit import train_verifier as verifier  # pylint: disable=g-import-not-at-top
 
   commitment = json.loads((workdir / "run" / "commitment.json").read_text())
@@ -260,6 +261,7 @@ BLOCK_SIZES = (1, 2, 3, 7)  # B_L; the tiny model has 7 units (embed, 4 layers, 
 def _blocked_run(steps: int, sets: list[str], units_per_block: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from aftune.train import job as job_lib  # pylint: disable=g-import-not-at-top
   from aftune.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
@@ -339,6 +341,7 @@ def main() -> None:
 
   cpus = _pin(2)
   import jax  # pylint: disable=g-import-not-at-top
+
   from aftune import provenance  # pylint: disable=g-import-not-at-top
   env = provenance.environment_manifest()
   print(f"jax {jax.__version__} on {env['backend']} ({env['device_kind']}, {env['machine']}), "

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from aftune.audit import client as audit
 from aftune.audit import bundle as bundle_lib
+from aftune.audit import client as audit
 from aftune.train import job as job_lib
 from aftune.train import trainer as train
 

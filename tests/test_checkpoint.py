@@ -13,8 +13,8 @@ import optax
 import pytest
 
 from aftune.train import checkpoint as ckpt_lib
-from aftune.train.checkpoint import CheckpointError, Checkpointer
-
+from aftune.train.checkpoint import Checkpointer
+from aftune.train.checkpoint import CheckpointError
 
 # Orbax's error paths on damaged files leave asyncio tasks behind whose late
 # "Event loop is closed" reports pytest would show as warnings.

@@ -11,15 +11,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
+from tokenizers import decoders
+from tokenizers import models
+from tokenizers import pre_tokenizers
+from tokenizers import trainers
 
 from aftune.data import defaults
 from aftune.data import encoding
 from aftune.data import order
 from aftune.data import records as records_lib
 from aftune.data import tokenizer as tokenizer_lib
-from aftune.data.chat import AFTUNE, CHATML, LLAMA3, PRESETS, ChatTemplate, get_template
-from aftune.data.records import Conversation, DataError, Message
+from aftune.data.chat import AFTUNE
+from aftune.data.chat import CHATML
+from aftune.data.chat import LLAMA3
+from aftune.data.chat import PRESETS
+from aftune.data.chat import ChatTemplate
+from aftune.data.chat import get_template
+from aftune.data.records import Conversation
+from aftune.data.records import DataError
+from aftune.data.records import Message
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "make_default_data.py"

@@ -6,10 +6,10 @@ import shutil
 import pytest
 
 from aftune.audit import client as audit
-from aftune.data import defaults
-from aftune.train import job as job_lib
 from aftune.audit import train_provider
 from aftune.audit import train_verifier
+from aftune.data import defaults
+from aftune.train import job as job_lib
 from aftune.train import trainer as train
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save_file
 
 from aftune.model import blocks as grid
 from aftune.model import hf_llama as H

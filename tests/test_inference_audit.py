@@ -21,18 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aftune.audit import client as audit
+from aftune.attacks import serving as A
 from aftune.audit import bundle as bundle_lib
+from aftune.audit import client as audit
+from aftune.audit import core
+from aftune.audit import infer_provider
+from aftune.audit import infer_verifier
+from aftune.audit import provider as provider_lib
 from aftune.data import encoding
 from aftune.data import records as records_lib
 from aftune.infer import serving
-from aftune.attacks import serving as A
-from aftune.audit import infer_provider
-from aftune.audit import infer_verifier
 from aftune.record import tensorfile
-from aftune.audit import provider as provider_lib
 from aftune.train import trainer as train
-from aftune.audit import core
 
 ROOT = Path(__file__).resolve().parent.parent
 K, T = 3, 6

@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from aftune.model import llama as model_lib
-from aftune.train import step as step_lib
 
 
 def _logits(units, tokens, attn_mask):

@@ -10,16 +10,16 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from aftune.attacks import forgery
-from aftune.record import history as history_lib
-from aftune.record import commitment as commitment_lib
 
+from aftune.attacks import forgery
 from aftune.crypto import hashing
-from aftune.record import integrity
 from aftune.crypto import merkle
 from aftune.crypto import signing
-from aftune.record import tensorfile
+from aftune.record import commitment as commitment_lib
+from aftune.record import history as history_lib
+from aftune.record import integrity
 from aftune.record import layout as trace
+from aftune.record import tensorfile
 from aftune.train import trainer as train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,8 +157,8 @@ def test_record_flag_off_writes_no_trace(small_config, tmp_path):
 
 
 def test_job_id_binds_hyperparameters(small_config, tmp_path):
-  from aftune.train import job as job_lib
   from aftune.record import jobspec
+  from aftune.train import job as job_lib
   a = jobspec.build_job_spec(job_lib.build_job(small_config()))
   b = jobspec.build_job_spec(job_lib.build_job(small_config(**{"optim.learning_rate": 0.5})))
   assert jobspec.job_id(a) != jobspec.job_id(b)

@@ -12,22 +12,22 @@ import shutil
 
 import numpy as np
 import pytest
-from aftune.record import commitment as commitment_lib
-from aftune.attacks import forgery
 
+from aftune.attacks import forgery
 from aftune.attacks import training as attacks
 from aftune.audit import bundle as bundle_lib
 from aftune.audit import challenge as challenge_lib
-from aftune.crypto import hashing
-from aftune.record import integrity
+from aftune.audit import core
 from aftune.audit import provider as provider_lib
 from aftune.audit import train_provider
+from aftune.audit import train_verifier
+from aftune.crypto import hashing
+from aftune.record import commitment as commitment_lib
+from aftune.record import integrity
+from aftune.record import layout as trace
 from aftune.record import recorder
 from aftune.record import tensorfile
-from aftune.record import layout as trace
 from aftune.train import trainer as train
-from aftune.audit import core
-from aftune.audit import train_verifier
 
 CFG = {"num_steps": 8, "audit.steps_per_block": 2, "audit.checkpoint_interval": 1}
 SPARSE = {**CFG, "audit.checkpoint_interval": 2, "audit.activation_interval": 2}

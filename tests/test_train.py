@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from aftune import errors
-
 from aftune.train import job as job_lib
 from aftune.train import trainer as train
 

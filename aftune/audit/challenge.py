@@ -46,7 +46,8 @@ document and its files in ``challenge_doc``; the command line is
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from collections.abc import Sequence
 
 import blake3
 

@@ -8,7 +8,8 @@ its own commitment (`check`; a dishonest provider in the attack suite turns that
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from typing import Iterable
 
 from aftune import errors
 from aftune.audit import bundle as bundle_lib

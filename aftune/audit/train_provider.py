@@ -107,7 +107,7 @@ class Provider(provider_lib.ProviderBase):
     g = self.grid
     if self.hooks is not None or not g.stores_boundary(k) or (k > 0 and not g.stores_boundary(k - 1)):
       return None
-    start = max(s for s in self.checkpointer.all_steps() if s <= t0)
+    start = loop.nearest_checkpoint_step(self.checkpointer, t0)
     cached = self._last_state.get(k)
     if cached is not None and start < cached[0] <= t0:  # continue the previous cell's replay
       start, p, o = cached

@@ -29,17 +29,17 @@ from typing import Any
 
 import ml_collections
 
+from aftune import provenance
+from aftune.audit import infer_provider
+from aftune.audit import infer_verifier
 from aftune.bench import timing as bench
+from aftune.crypto import hashing
 from aftune.data import encoding
 from aftune.data import records as records_lib
 from aftune.infer import generate as gen_lib
-from aftune.crypto import hashing
-from aftune.audit import infer_provider
-from aftune.audit import infer_verifier
 from aftune.infer import serving
-from aftune.train import job as job_lib
 from aftune.record import jobspec
-from aftune import provenance
+from aftune.train import job as job_lib
 
 
 def random_init_model(config: ml_collections.ConfigDict) -> serving.ServedModel:

@@ -20,12 +20,12 @@ import ml_collections
 import numpy as np
 
 from aftune.bench import timing as bench
-from aftune.train import checkpoint as ckpt_lib
 from aftune.crypto import hashing
-from aftune.train import job as job_lib
 from aftune.record import recorder as recorder_lib
-from aftune.train import step as step_lib
+from aftune.train import checkpoint as ckpt_lib
+from aftune.train import job as job_lib
 from aftune.train import loop
+from aftune.train import step as step_lib
 
 
 def hash_throughput(arrays: list[np.ndarray], repeats: int = 3) -> dict[str, float]:

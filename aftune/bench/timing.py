@@ -22,14 +22,17 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from typing import Callable
+from typing import Mapping
+from typing import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from aftune.train import job as job_lib
 from aftune import provenance
+from aftune.train import job as job_lib
 from aftune.train import step as step_lib
 
 StepFn = Callable[[int], Any]  # runs step i, returns arrays that depend on all its work

@@ -18,11 +18,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from aftune.train import job as job_lib
 from aftune.audit import train_provider
+from aftune.audit import train_verifier
+from aftune.train import job as job_lib
 from aftune.train import step as step_lib
 from aftune.train import trainer as train
-from aftune.audit import train_verifier
 
 
 class _TimedFns:

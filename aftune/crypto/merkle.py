@@ -18,11 +18,17 @@ import dataclasses
 import json
 import operator
 import struct
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import Union
 
 from aftune.crypto import hashing
-from aftune.crypto.hashing import DIGEST_SIZE, TAG_EMPTY_TREE, TAG_LEAF, TAG_NODE
+from aftune.crypto.hashing import DIGEST_SIZE
+from aftune.crypto.hashing import TAG_EMPTY_TREE
+from aftune.crypto.hashing import TAG_LEAF
+from aftune.crypto.hashing import TAG_NODE
 
 LeafSource = Union[Sequence[bytes], Callable[[int], bytes]]
 

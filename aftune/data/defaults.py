@@ -9,9 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from aftune.data.chat import ChatTemplate, get_template
-from aftune.data.records import Conversation, load_jsonl
-from aftune.data.tokenizer import TextTokenizer, load_tokenizer
+from aftune.data.chat import ChatTemplate
+from aftune.data.chat import get_template
+from aftune.data.records import Conversation
+from aftune.data.records import load_jsonl
+from aftune.data.tokenizer import TextTokenizer
+from aftune.data.tokenizer import load_tokenizer
 
 # The repository root's data/default (this file is aftune/data/defaults.py).
 DEFAULT_DATA_DIR: Path = Path(__file__).resolve().parents[2] / "data" / "default"

@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from aftune.data.chat import ChatTemplate, get_template
-from aftune.data.records import Conversation, DataError, Message, parse_record
-from aftune.data.tokenizer import TextTokenizer, check_template
+from aftune.data.chat import ChatTemplate
+from aftune.data.chat import get_template
+from aftune.data.records import Conversation
+from aftune.data.records import DataError
+from aftune.data.records import Message
+from aftune.data.records import parse_record
+from aftune.data.tokenizer import TextTokenizer
+from aftune.data.tokenizer import check_template
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ Problems raise `records.DataError`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer

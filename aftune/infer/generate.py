@@ -39,16 +39,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any
+from typing import Callable
+from typing import Mapping
+from typing import Protocol
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from aftune.infer import sampling
 from aftune.model import blocks as grid
 from aftune.model import family
-from aftune.infer import sampling
 
 PyTree = Any
 # cache of one layer block: decoder-layer unit name -> {"k", "v": [B, S, G, K]}

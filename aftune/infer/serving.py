@@ -22,29 +22,30 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from aftune.train import checkpoint as ckpt_lib
+from aftune import jsonio
+from aftune import provenance
+from aftune.crypto import hashing
+from aftune.crypto import merkle
+from aftune.crypto import signing
 from aftune.data import encoding
 from aftune.data import records as records_lib
 from aftune.infer import generate as gen_lib
 from aftune.model import blocks as grid_lib
-from aftune import jsonio
-from aftune.crypto import hashing
 from aftune.record import commitment as commitment_lib
-from aftune.train import job as job_lib
 from aftune.record import jobspec
-from aftune.crypto import merkle
-from aftune import provenance
-from aftune.record import recorder as recorder_lib
-from aftune.crypto import signing
-from aftune.record import tensorfile
 from aftune.record import layout as trace
+from aftune.record import recorder as recorder_lib
+from aftune.record import tensorfile
+from aftune.train import checkpoint as ckpt_lib
+from aftune.train import job as job_lib
 from aftune.train import loop
 
 PyTree = Any
@@ -67,7 +68,8 @@ def load_from_training(workdir: str | Path, *, units_per_block: int | None = Non
   workdir = Path(workdir)
   commitment = commitment_lib.load(workdir / "commitment.json",
                                    formats=(commitment_lib.TRAINING_FORMAT,))
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  config = ml_collections.ConfigDict(jsonio.load_json(workdir / "config.json", trace.TraceError,
+                                                      "config"))
   if units_per_block is not None:
     config.audit.units_per_block = units_per_block
   job = job_lib.build_job(config)
@@ -109,16 +111,16 @@ _FINGERPRINTS: dict[Any, dict[str, str]] = {}
 
 
 def program_fingerprint(blocked: grid_lib.BlockedParams, ids: np.ndarray, mask: np.ndarray,
-                        max_total_len: int) -> dict[str, str]:
+                        max_total_len: int, *, fns: gen_lib.GenFns | None = None) -> dict[str, str]:
   """Program hashes of every block for these shapes (cached: lowering is per shape, not batch)."""
   shapes = lambda tree: tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(tree))
   key = (blocked.specs, shapes(blocked.trainable), shapes(blocked.frozen), ids.shape, max_total_len)
   if key not in _FINGERPRINTS:
+    fns = fns or gen_lib.default_fns()
     out, x = {}, jax.numpy.asarray(ids)
     for spec, p, f in zip(blocked.specs, blocked.trainable, blocked.frozen):
-      out.update(block_program_fingerprint(spec, p, f, x, mask, max_total_len))
-      x, _ = jax.eval_shape(gen_lib.default_fns().prefill, spec, p, f, x, gen_lib.prefill_ctx(mask),
-                            max_total_len)
+      out.update(block_program_fingerprint(spec, p, f, x, mask, max_total_len, fns=fns))
+      x, _ = jax.eval_shape(fns.prefill, spec, p, f, x, gen_lib.prefill_ctx(mask), max_total_len)
     _FINGERPRINTS[key] = out
   return dict(_FINGERPRINTS[key])
 

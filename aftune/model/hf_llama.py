@@ -25,7 +25,8 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,9 @@ from safetensors import safe_open
 
 from aftune import errors
 from aftune.model import llama as model_lib
-from aftune.model.llama import LoRAConfig, ModelConfig, RopeScaling
+from aftune.model.llama import LoRAConfig
+from aftune.model.llama import ModelConfig
+from aftune.model.llama import RopeScaling
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

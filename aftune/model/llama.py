@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp

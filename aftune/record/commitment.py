@@ -13,7 +13,8 @@ known format; anything else is a `layout.TraceError` naming the file.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 from aftune import jsonio
 from aftune.crypto import signing

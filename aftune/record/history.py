@@ -19,7 +19,6 @@ from aftune.record import commitment as commitment_lib
 from aftune.record import integrity
 from aftune.record import layout as trace
 
-
 HISTORY_FORMAT = "aftune-history/v1"
 
 

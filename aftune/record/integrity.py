@@ -6,18 +6,18 @@ stored byte must hash to its committed leaf, so damage is found and named, never
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from aftune import jsonio
 from aftune.crypto import hashing
 from aftune.crypto import merkle
-from aftune.record import recorder
 from aftune.record import commitment as commitment_lib
-from aftune.record import tensorfile
 from aftune.record import layout as trace
+from aftune.record import recorder
+from aftune.record import tensorfile
 
 
 def load_leaves(workdir: str | Path, commitment: dict[str, Any]) -> tuple[trace.Grid, list[trace.Leaf]]:
@@ -50,7 +50,7 @@ def check_workdir(workdir: str | Path, *, tensors: bool = True) -> dict[str, Any
                                    formats=(commitment_lib.TRAINING_FORMAT,))
   grid, leaves = load_leaves(workdir, commitment)
   spec_path = workdir / "trace" / "job_spec.json"
-  spec = json.loads(spec_path.read_text())
+  spec = jsonio.load_json(spec_path, trace.TraceError, "job spec")
   if hashing.hexdigest(hashing.hash_json(spec)) != commitment["job_id"]:
     raise trace.TraceError(f"{spec_path}: does not hash to the committed job id")
   hashes = [l.hash() for l in leaves]

@@ -14,15 +14,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from aftune import provenance
+from aftune.crypto import hashing
+from aftune.crypto import merkle
 from aftune.model import blocks as grid_lib
 from aftune.model import family
-from aftune.crypto import hashing
-from aftune.train import job as job_lib
-from aftune.crypto import merkle
-from aftune.train import optim
-from aftune import provenance
-from aftune.train import step as step_lib
 from aftune.record import layout as trace
+from aftune.train import job as job_lib
+from aftune.train import optim
+from aftune.train import step as step_lib
 
 FORMAT = "aftune-job/v1"
 PyTree = Any

@@ -23,7 +23,8 @@ import dataclasses
 import os
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from typing import Iterator
 
 from aftune import errors
 from aftune.crypto import merkle
@@ -229,7 +230,7 @@ class InferenceGrid:
 
   def to_dict(self) -> dict[str, int]:
     # num_step_blocks: the challenge module draws (layer block, step) cells over this grid.
-    return {**dataclasses.asdict(self), "num_step_blocks": self.num_steps,
+    return {**dataclasses.asdict(self), "num_step_blocks": self.num_step_blocks,
             "num_leaves": self.num_leaves}
 
   @classmethod

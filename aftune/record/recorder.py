@@ -21,7 +21,8 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import jax
 import numpy as np
@@ -29,12 +30,12 @@ from absl import logging
 
 from aftune import jsonio
 from aftune.crypto import hashing
-from aftune.train import job as job_lib
+from aftune.crypto import signing
 from aftune.record import commitment as commitment_lib
 from aftune.record import jobspec
-from aftune.crypto import signing
-from aftune.record import tensorfile
 from aftune.record import layout as trace
+from aftune.record import tensorfile
+from aftune.train import job as job_lib
 
 PyTree = Any
 

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from aftune import errors
 from aftune.data import chat
 from aftune.data import encoding
 from aftune.data import order
 from aftune.data import records as records_lib
 from aftune.data import tokenizer as tokenizer_lib
-from aftune import errors
 from aftune.model import blocks as grid
 from aftune.model import family
 from aftune.train import optim

@@ -17,7 +17,9 @@ last step hooks.final, and at a checkpoint step observer.before_checkpoint and t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from typing import Any
+from typing import Callable
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -115,9 +117,14 @@ def restore_state(checkpointer: ckpt_lib.Checkpointer, step: int, job: Any,
   return [items[f"params_{k}"] for k in blocks], [items[f"opt_state_{k}"] for k in blocks]
 
 
+def nearest_checkpoint_step(checkpointer: ckpt_lib.Checkpointer, step: int) -> int:
+  """The last checkpointed step at or before `step`."""
+  return max(s for s in checkpointer.all_steps() if s <= step)
+
+
 def nearest_checkpoint(checkpointer: ckpt_lib.Checkpointer, job: Any, step: int) -> TrainState:
   """The stored state at the last checkpoint at or before `step`."""
-  start = max(s for s in checkpointer.all_steps() if s <= step)
+  start = nearest_checkpoint_step(checkpointer, step)
   params, opt_states = restore_state(checkpointer, start, job)
   return TrainState(start, params, opt_states)
 
