@@ -24,9 +24,10 @@ setuptools.setup(
         "cryptography>=42",
         "matplotlib>=3.8",
         "zstandard>=0.22",
+        "jsonschema>=4.20",  # the shapes of every document a provider sends (record/schemas.py)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100"],
         # Hugging Face parity tests; torch 2.13.0 is the CPU build shipped on the dev machines.
         "hf": ["torch==2.13.0", "transformers>=4.51"],
     },

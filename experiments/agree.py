@@ -9,6 +9,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from aftune import errors
 from aftune.audit import client as audit
 from aftune.train import job as job_lib
 
@@ -19,9 +20,10 @@ _OUT = flags.DEFINE_string("out", "agreed.json", "Where to write the agreed fiel
 
 def main(argv):
   del argv
-  agreed = audit.agreed_fields(job_lib.build_job(_CONFIG.value))
-  with open(_OUT.value, "x") as f:  # never overwrite an agreement
-    json.dump(agreed, f, indent=2, sort_keys=True)
+  with errors.exit_on_input_error():
+    agreed = audit.agreed_fields(job_lib.build_job(_CONFIG.value))
+    with open(_OUT.value, "x") as f:  # never overwrite an agreement (FileExistsError: exit 2)
+      json.dump(agreed, f, indent=2, sort_keys=True)
   print(f"wrote {_OUT.value}: base model {agreed['base_model_hash'][:16]}…, "
         f"dataset root {agreed['dataset_root'][:16]}…")
 

@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from aftune import errors
 from aftune.audit import challenge_doc
 from aftune.audit import client as audit
 from aftune.audit import train_provider
@@ -78,7 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, strategy: str
 
 def main(argv):
   del argv
-  verdict = run(_CONFIG.value, _WORKDIR.value, strategy=_STRATEGY.value)
+  with errors.exit_on_input_error():
+    verdict = run(_CONFIG.value, _WORKDIR.value, strategy=_STRATEGY.value)
   print(audit.render_markdown(verdict))
   print(f"files: {_WORKDIR.value}/audit/")
   sys.exit(0 if verdict["passed"] else 1)

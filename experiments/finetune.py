@@ -11,6 +11,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from aftune import errors
 from aftune.train import trainer as train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py:tiny", "Run sheet.",
@@ -22,7 +23,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.info("JAX %s on %s: %s", jax.__version__, jax.default_backend(), jax.devices())
-  result = train.train(_CONFIG.value, _WORKDIR.value)
+  with errors.exit_on_input_error():  # a wrong config, a workdir of another job, bad data
+    result = train.train(_CONFIG.value, _WORKDIR.value)
   if result.losses:
     logging.info("done: %d steps, final loss %.4f", result.step, result.losses[-1])
   else:

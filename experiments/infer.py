@@ -6,15 +6,16 @@ r"""Provider: serves prompts from an audited fine-tuned model, with a signed rec
 --prompts: a text file (one user message per line) or JSONL of {"prompt": ...} or
 {"messages": [...]}; the chat template is the job's. The served model must hash to the
 final model of the job's signed commitment. The record (spec.json, leaves.bin,
-tensors.safetensors.zst, commitment.json) is what the audit commands take (--record).
+tensors.safetensors.zst, commitment.json) is what the audit commands take (--record);
+request.json and response.json beside it are what the client keeps (experiments.verify
+--request, --response).
 """
-
-import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from aftune import errors
 from aftune.infer import serving
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The audited training run.", required=True)
@@ -25,15 +26,12 @@ _SERVE = config_flags.DEFINE_config_file("serve", "configs/serve.py:greedy", "Se
 
 def main(argv):
   del argv
-  try:
+  with errors.exit_on_input_error():  # bad prompts file, model not matching its commitment, ...
     model = serving.load_from_training(_WORKDIR.value)
     prompts = serving.read_prompts(_PROMPTS.value, model.tokenizer, model.template)
     settings = serving.settings_from_sheet(_SERVE.value, model.tokenizer)
     out = serving.serve(model, prompts, settings, _OUT.value, record=_SERVE.value.record,
                         key_path=f"{_WORKDIR.value}/provider_key.pem")
-  except (ValueError, OSError) as e:  # bad prompts file, model not matching its commitment, ...
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   for toks in out["result"].tokens:
     print(repr(model.tokenizer.decode(toks)))
   if out["commitment"] is not None:

@@ -7,11 +7,10 @@ With --record, the cells are (layer block, token step) cells of that served batc
 the model trained in W.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 
+from aftune import errors
 from aftune.audit import challenge_doc
 from aftune.audit import infer_provider
 from aftune.audit import train_provider
@@ -25,20 +24,19 @@ _OUT = flags.DEFINE_string("out", "bundles", "Directory for the bundles.")
 
 def main(argv):
   del argv
-  try:
+  with errors.exit_on_input_error():
     ch = challenge_doc.load_challenge(_CHALLENGE.value)
     if _RECORD.value:
+      # Every opening carries what ties the served weights to the training's end state.
+      binding = train_provider.Provider(_WORKDIR.value).training_binding()
       provider = infer_provider.InferenceProvider(
-          _RECORD.value, serving.load_from_training(_WORKDIR.value))
+          _RECORD.value, serving.load_from_training(_WORKDIR.value), training_binding=binding)
     else:
       provider = train_provider.Provider(_WORKDIR.value)
     if ch.job_id != provider.commitment["job_id"] or ch.root != provider.commitment["merkle_root"]:
-      raise ValueError(f"{_CHALLENGE.value}: drawn for another job or root than "
-                       f"{_RECORD.value or _WORKDIR.value}")
+      raise errors.InputError(f"{_CHALLENGE.value}: drawn for another job or root than "
+                              f"{_RECORD.value or _WORKDIR.value}")
     paths = provider.open_challenge([tuple(c) for c in ch.cells], _OUT.value)
-  except (ValueError, OSError) as e:  # errors.InputError is a ValueError
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   print(f"opened {len(paths)} cells into {_OUT.value}")
 
 

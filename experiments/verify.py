@@ -1,9 +1,19 @@
 r"""Verifier: checks the provider's bundles against the client's commitment and challenge.
 
   python -m experiments.verify --commitment commitment.json --challenge challenge.json \
-      --bundles bundles/ --agreed agreed.json --out verdict.json
+      --bundles bundles/ --agreed agreed.json --out verdict.json                  # training
+  python -m experiments.verify --commitment served/commitment.json --challenge ch.json \
+      --bundles b/ --agreed agreed.json --training_commitment run/commitment.json \
+      --request served/request.json --response served/response.json --out v.json  # inference
 
-Exit status: 0 every cell passed, 1 some cell failed, 2 the input could not be judged.
+A verdict is bound to what the client holds: the challenge it drew and the job it agreed
+to (--agreed, or the client's own --config to compute it from; training); the promised
+model, architecture, request and response (inference). A
+verdict missing any of them is refused unless --allow_unbound, and then it names, in
+JSON (`unchecked`) and Markdown, what it did not check.
+
+Exit status: 0 every cell passed, 1 some cell failed, 2 the input could not be judged
+(one line on stderr naming the file and the problem; nothing is written).
 In exact mode the process pins itself to the recorded CPU thread count before JAX starts
 (the thread count changes the bits of CPU matmuls: docs/determinism.md).
 """
@@ -15,34 +25,43 @@ from pathlib import Path
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
+from aftune import errors
 from aftune.audit import bundle as bundle_lib  # no JAX import: threads are pinned first
 
 _COMMITMENT = flags.DEFINE_string("commitment", None, "The client's commitment.json.", required=True)
 _CHALLENGE = flags.DEFINE_string("challenge", None, "The challenge the bundles answer.")
 _BUNDLES = flags.DEFINE_string("bundles", None, "Directory of bundles.", required=True)
 _AGREED = flags.DEFINE_string("agreed", None, "The agreed job-spec fields (experiments.agree).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The client's own run sheet: the agreed fields are computed from it, its "
+    "data and base model (instead of --agreed).", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "exact", ["exact", "tolerance"], "Bitwise or thresholds.")
 _PUBLIC_KEY = flags.DEFINE_string("public_key", None, "Expected provider key (hex).")
 _TOLERANCES = flags.DEFINE_string("tolerances", None, 'Tolerance mode thresholds as JSON, e.g. '
                                   '\'{"fwd_out": 1e-4}\' (others keep their defaults).')
 _MODEL_HASH = flags.DEFINE_string("model_hash", None,
-                                  "Inference: the promised model's hash (hex), e.g. the final "
-                                  "model hash of the audited training job.")
+                                  "Inference: the promised model's hash (hex), when it does not "
+                                  "come from an audited training (--training_commitment).")
 _REQUEST = flags.DEFINE_string("request", None, "Inference: the client's request JSON "
                                '{"prompts": [[ids]...], "settings": {...}} to hold the spec to.')
+_RESPONSE = flags.DEFINE_string("response", None, "Inference: the response the client received "
+                                "(response.json); every token must be the committed one.")
 _TRAINING_COMMITMENT = flags.DEFINE_string(
-    "training_commitment", None, "Inference: take the promised model from this signed training "
-    "commitment (its final_model_hash).")
+    "training_commitment", None, "Inference: the signed commitment of the training whose final "
+    "model was promised; the served weights are checked against its trace's end state.")
+_ALLOW_UNBOUND = flags.DEFINE_bool("allow_unbound", False, "Give a verdict without the inputs "
+                                   "that bind it; the verdict names what it did not check.")
 _OUT = flags.DEFINE_string("out", "verdict.json", "Verdict JSON; the report goes beside it (.md).")
 
 
 def _pin_threads(paths):
-  manifest = bundle_lib.read_bundle(paths[0]).manifest
+  manifest = bundle_lib.read_manifest(paths[0])
   spec = manifest.get("job_spec") or manifest.get("spec")
   threads = spec.get("environment", {}).get("cpu_threads")
   cpus = sorted(os.sched_getaffinity(0))
-  if threads and threads <= len(cpus):
+  if isinstance(threads, int) and 0 < threads <= len(cpus):
     os.sched_setaffinity(0, cpus[:threads])
 
 
@@ -52,35 +71,56 @@ def _tolerances():
   try:
     tol = json.loads(_TOLERANCES.value)
   except json.JSONDecodeError as e:
-    raise ValueError(f"--tolerances: not valid JSON ({e})") from None
+    raise errors.InputError(f"--tolerances: not valid JSON ({e})") from None
   if not isinstance(tol, dict) or not all(isinstance(v, (int, float)) for v in tol.values()):
-    raise ValueError("--tolerances: a JSON object of kind -> number")
+    raise errors.InputError("--tolerances: a JSON object of kind -> number")
   return {k: float(v) for k, v in tol.items()}
+
+
+def _agreed(audit):
+  if _AGREED.value and _CONFIG.value is not None:
+    raise errors.InputError("give --agreed or --config, not both")
+  if _CONFIG.value is not None:
+    from aftune.train import job as job_lib  # pylint: disable=g-import-not-at-top
+    return audit.agreed_fields(job_lib.build_job(_CONFIG.value))
+  return audit.load_agreed(_AGREED.value) if _AGREED.value else None
+
+
+def _verify():
+  paths = sorted(Path(_BUNDLES.value).glob("*.bundle"))
+  if not paths:
+    raise errors.InputError(f"{_BUNDLES.value}: no *.bundle files")
+  if _MODE.value == "exact":
+    _pin_threads(paths)
+  from aftune.audit import challenge_doc  # pylint: disable=g-import-not-at-top
+  from aftune.audit import client as audit  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from aftune.record import commitment as commitment_lib  # pylint: disable=g-import-not-at-top
+  commitment = audit.load_commitment(_COMMITMENT.value, _PUBLIC_KEY.value)
+  inputs = {
+      "challenge": challenge_doc.load_challenge(_CHALLENGE.value) if _CHALLENGE.value else None,
+      "agreed": _agreed(audit),
+      "expected_model_hash": _MODEL_HASH.value,
+      "training_commitment": (audit.load_commitment(_TRAINING_COMMITMENT.value, _PUBLIC_KEY.value)
+                              if _TRAINING_COMMITMENT.value else None),
+      "request": audit.load_request(_REQUEST.value) if _REQUEST.value else None,
+      "response": audit.load_response(_RESPONSE.value) if _RESPONSE.value else None,
+  }
+  if inputs["training_commitment"] is not None and commitment_lib.is_inference(
+      inputs["training_commitment"]):
+    raise errors.InputError(f"{_TRAINING_COMMITMENT.value}: not a training commitment")
+  loose = audit.unchecked(inference=commitment_lib.is_inference(commitment), **inputs)
+  if loose and not _ALLOW_UNBOUND.value:
+    raise errors.InputError("this verdict would bind nothing about: " + "; ".join(
+        u.split(":")[0] for u in loose) + ". Pass them, or --allow_unbound for a verdict that "
+        "names what it did not check")
+  return audit, audit.verify_openings(paths, commitment=commitment, mode=_MODE.value,
+                                      tolerances=_tolerances(), **inputs)
 
 
 def main(argv):
   del argv
-  try:
-    paths = sorted(Path(_BUNDLES.value).glob("*.bundle"))
-    if not paths:
-      raise ValueError(f"{_BUNDLES.value}: no *.bundle files")
-    if _MODE.value == "exact":
-      _pin_threads(paths)
-    from aftune.audit import challenge_doc  # pylint: disable=g-import-not-at-top
-    from aftune.audit import client as audit  # pylint: disable=g-import-not-at-top  (imports JAX)
-    commitment = audit.load_commitment(_COMMITMENT.value, _PUBLIC_KEY.value)
-    ch = challenge_doc.load_challenge(_CHALLENGE.value) if _CHALLENGE.value else None
-    agreed = audit.load_agreed(_AGREED.value) if _AGREED.value else None
-    model_hash = _MODEL_HASH.value
-    if _TRAINING_COMMITMENT.value:
-      model_hash = audit.load_commitment(_TRAINING_COMMITMENT.value, _PUBLIC_KEY.value)["final_model_hash"]
-    request = audit.load_json(_REQUEST.value) if _REQUEST.value else None
-    verdict = audit.verify_openings(paths, commitment=commitment, challenge=ch, agreed=agreed,
-                                    mode=_MODE.value, expected_model_hash=model_hash,
-                                    request=request, tolerances=_tolerances())
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  with errors.exit_on_input_error():
+    audit, verdict = _verify()
   md = Path(_OUT.value).with_suffix(".md")
   audit.write_verdict(verdict, _OUT.value, md)
   print(audit.render_markdown(verdict))

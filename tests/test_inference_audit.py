@@ -448,12 +448,14 @@ def test_cli_serve_challenge_open_verify(trained, tmp_path):
   for which in ("bundles", "tampered"):
     r = _run("experiments.verify", "--commitment", record / "commitment.json", "--challenge",
              tmp_path / "challenge.json", "--bundles", tmp_path / which, "--training_commitment",
-             trained / "commitment.json", "--out", tmp_path / f"{which}.json")
+             trained / "commitment.json", "--request", record / "request.json", "--response",
+             record / "response.json", "--allow_unbound", "--out", tmp_path / f"{which}.json")
     verdicts[which] = (r.returncode, json.loads((tmp_path / f"{which}.json").read_text()), r)
   code, verdict, r = verdicts["bundles"]
   assert code == 0 and verdict["passed"] and verdict["num_cells"] == 3, r.stdout + r.stderr[-3000:]
   assert verdict["expected_model_hash"] == json.loads(
       (trained / "commitment.json").read_text())["final_model_hash"]
+  assert [u.split(" (")[0] for u in verdict["unchecked"]] == ["the promised architecture"]
   code, verdict, r = verdicts["tampered"]
   assert code == 1, r.stdout + r.stderr[-3000:]
   failed = [c for c in verdict["cells"] if not c["passed"]]

@@ -2,6 +2,8 @@
 
   forge_leaf      rewrites one committed hash in trace/leaves.bin and re-signs the
                   commitment with the provider key (a forged hash, validly signed)
+  resign          rewrites fields of commitment.json (e.g. final_model_hash: another
+                  model passed off as the trained one) and re-signs it
   swap_proofs     an opened bundle whose two leaves carry each other's inclusion proof
   edit_tensor     an opened bundle with one element of one tensor shifted
   drop_leaf       an opened bundle that omits one revealed leaf
@@ -48,6 +50,20 @@ def forge_leaf(workdir: str | Path, kind: str, step: int, block: int,
   doc["merkle_root"] = hashing.hexdigest(merkle.merkle_root([l.hash() for l in leaves]))
   key = signing.load_private_key(workdir / "provider_key.pem")
   new = signing.sign_document(doc, key)
+  jsonio.write_json(path, new)
+  return new
+
+
+def resign(workdir: str | Path, **fields: Any) -> dict[str, Any]:
+  """Rewrites `fields` of workdir/commitment.json and re-signs it with the provider key.
+
+  Returns:
+    The new signed commitment (also written to commitment.json).
+  """
+  path = Path(workdir) / "commitment.json"
+  doc = {k: v for k, v in jsonio.load_json(path).items() if k != "signature"}
+  doc.update(fields)
+  new = signing.sign_document(doc, signing.load_private_key(Path(workdir) / "provider_key.pem"))
   jsonio.write_json(path, new)
   return new
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from aftune import errors
+
 MAX_NONCE_BYTES = 1024
 
 
-class ChallengeError(ValueError):
+class ChallengeError(errors.InputError):
   """A challenge that cannot be drawn, parsed or re-derived."""
 
 

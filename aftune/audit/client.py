@@ -26,6 +26,7 @@ from aftune.audit import train_verifier
 from aftune.crypto import hashing
 from aftune.record import commitment as commitment_lib
 from aftune.record import jobspec
+from aftune.record import schemas
 from aftune.train import job as job_lib
 
 VERDICT_FORMAT = "aftune-verdict/v1"
@@ -51,7 +52,9 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
                     challenge: challenge_doc.Challenge | None, agreed: dict[str, Any] | None,
                     mode: str = "exact", tolerances: dict[str, float] | None = None,
                     expected_model_hash: str | None = None,
-                    request: dict[str, Any] | None = None) -> dict[str, Any]:
+                    request: dict[str, Any] | None = None,
+                    training_commitment: dict[str, Any] | None = None,
+                    response: dict[str, Any] | None = None) -> dict[str, Any]:
   """Verifies every bundle (training or inference cells) and assembles the verdict.
 
   Args:
@@ -64,15 +67,34 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
     expected_model_hash: inference: the model the client was promised, or None (its
       architecture comes from `agreed`, when given).
     request: inference: the prompts and settings the client sent, or None.
+    training_commitment: inference: the signed commitment of the training whose final
+      model was promised (its end state is checked against the served weights), or None.
+    response: inference: the response the client received (schemas.RESPONSE), or None.
 
   Returns:
-    The verdict document.
+    The verdict document; `unchecked` names everything the client did not supply (a
+    verdict with an empty list is bound: to the agreed job, the promised model, the
+    request and the response, and to the client's challenge).
+
+  Raises:
+    errors.InputError: a bundle that is malformed (BundleError), for a cell opened twice,
+      or that the verifier cannot judge (AuditInputError).
   """
   t0 = time.perf_counter()
+  inference = commitment_lib.is_inference(commitment)
+  if training_commitment is not None:
+    expected_model_hash = expected_model_hash or training_commitment["final_model_hash"]
+    if expected_model_hash != training_commitment["final_model_hash"]:
+      raise core.AuditInputError("the promised model hash is not the training commitment's final "
+                                 "model")
   reports = []
   seen = set()
   for path in bundle_paths:
-    b = bundle_lib.read_bundle(path)
+    b = bundle_lib.read_bundle(path, schema=lambda m: _tensor_schema(m, commitment))
+    if b.is_inference != inference:
+      kind = lambda inf: "an inference" if inf else "a training"
+      raise core.AuditInputError(f"{path}: {kind(b.is_inference)} bundle, but the commitment is "
+                                 f"{kind(inference)} commitment")
     if b.cell in seen:
       raise core.AuditInputError(f"{path}: a second bundle for cell {b.cell}")
     seen.add(b.cell)
@@ -80,7 +102,8 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
       reports.append(infer_verifier.verify_inference_bundle(
           b, commitment=commitment, expected_model_hash=expected_model_hash,
           expected_model_config=agreed["hyperparameters"]["model"] if agreed else None,
-          expected_request=request, challenge=challenge, mode=mode, tolerances=tolerances))
+          expected_request=request, training_commitment=training_commitment, response=response,
+          challenge=challenge, mode=mode, tolerances=tolerances))
     else:
       reports.append(train_verifier.verify_bundle(b, commitment=commitment, agreed=agreed,
                                             challenge=challenge, mode=mode, tolerances=tolerances))
@@ -97,8 +120,11 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
       "job_id": commitment["job_id"],
       "merkle_root": commitment["merkle_root"],
       "provider_key": commitment["signature"]["public_key"],
-      "kind": "inference" if commitment_lib.is_inference(commitment) else "training",
+      "kind": "inference" if inference else "training",
       "expected_model_hash": expected_model_hash,
+      "unchecked": unchecked(inference=inference, challenge=challenge, agreed=agreed,
+                             expected_model_hash=expected_model_hash, request=request,
+                             response=response, training_commitment=training_commitment),
       "mode": mode,
       "tolerances": {**core.TOLERANCES, **(tolerances or {})} if mode == "tolerance" else None,
       "passed": bool(cells) and all(c["passed"] for c in cells),
@@ -113,10 +139,48 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
   return verdict
 
 
+def _tensor_schema(manifest: dict[str, Any], commitment: dict[str, Any]):
+  if manifest["format"] == bundle_lib.INFERENCE_FORMAT:
+    return infer_verifier.tensor_schema(manifest, commitment)
+  return train_verifier.tensor_schema(manifest, commitment)
+
+
+def unchecked(*, inference: bool, challenge: Any, agreed: Any, expected_model_hash: Any = None,
+              request: Any = None, response: Any = None, training_commitment: Any = None) -> list[str]:
+  """What a verdict made from these inputs does not bind, one sentence each (empty: bound)."""
+  out = []
+  if challenge is None:
+    out.append("the challenge (no --challenge): the provider chose which cells to open; the "
+               "verdict says nothing about cells it did not open")
+  if not inference and agreed is None:
+    out.append("the agreed job (no --agreed): the cells were replayed against the provider's own "
+               "job spec, which may declare other steps, learning rate, base model or dataset "
+               "than the client agreed to")
+  if inference:
+    if expected_model_hash is None and training_commitment is None:
+      out.append("the promised model (no --training_commitment or --model_hash): any model the "
+                 "provider committed to passes")
+    elif training_commitment is None:
+      out.append("the training's end state (no --training_commitment): the served weights hash to "
+                 "the promised model hash, but are not checked against a training trace")
+    if agreed is None:
+      out.append("the promised architecture (no --agreed): dtype, norm epsilon and RoPE settings "
+                 "are the provider's declaration")
+    if request is None:
+      out.append("the request (no --request): the committed prompts and settings are not "
+                 "compared with what the client sent")
+    if response is None:
+      out.append("the response (no --response): the tokens the client received are not compared "
+                 "with the committed ones")
+  return out
+
+
 def render_markdown(verdict: dict[str, Any]) -> str:
   """The human-readable report of a verdict."""
+  loose = verdict.get("unchecked") or []
+  result = "PASS" if verdict["passed"] else "FAIL"
   lines = [
-      f"# Audit verdict: {'PASS' if verdict['passed'] else 'FAIL'}",
+      f"# Audit verdict: {result}" + (" (UNBOUND: see below)" if loose else ""),
       "",
       f"- {'served batch' if verdict.get('kind') == 'inference' else 'job'} id: `{verdict['job_id']}`",
       f"- Merkle root: `{verdict['merkle_root']}`",
@@ -126,6 +190,10 @@ def render_markdown(verdict: dict[str, Any]) -> str:
       f"- cells checked: {verdict['num_cells']}, failed: {verdict['num_failed']}",
       f"- verification time: {verdict['verify_s']:.2f} s",
   ]
+  if loose:
+    lines += ["", "## Not checked: this verdict is unbound", "",
+              "The client did not supply what would bind the verdict to these:", ""]
+    lines += [f"- {u}" for u in loose]
   if verdict.get("guarantee"):
     lines += ["", "## Guarantee of this sample", "", verdict["guarantee"]["text"]]
   lines += ["", "## Cells", "", "| layer block | step block | result | checks | auth s | replay s | reason |",
@@ -150,11 +218,19 @@ def load_json(path: str | Path) -> Any:
 
 
 def load_agreed(path: str | Path) -> dict[str, Any]:
-  doc = load_json(path)
-  missing = [f for f in train_verifier.AGREED_FIELDS if f not in doc]
-  if missing:
-    raise core.AuditInputError(f"{path}: lacks the agreed fields {missing}")
-  return doc
+  """The job-spec fields the client agreed to (`experiments.agree` writes them)."""
+  assert set(schemas.AGREED["required"]) == set(train_verifier.AGREED_FIELDS)
+  return schemas.check(load_json(path), schemas.AGREED, path, core.AuditInputError)
+
+
+def load_request(path: str | Path) -> dict[str, Any]:
+  """The client's request: {"prompts": [[ids]...], "settings": {...}} (schemas.REQUEST)."""
+  return schemas.check(load_json(path), schemas.REQUEST, path, core.AuditInputError)
+
+
+def load_response(path: str | Path) -> dict[str, Any]:
+  """The response the client received (schemas.RESPONSE; `serving.serve` writes it)."""
+  return schemas.check(load_json(path), schemas.RESPONSE, path, core.AuditInputError)
 
 
 def load_commitment(path: str | Path, public_key: str | None = None) -> dict[str, Any]:

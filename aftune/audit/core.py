@@ -13,6 +13,8 @@ signature (`check_commitment`), every revealed leaf's inclusion proof (`check_in
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import time
 from typing import Any
 from typing import Callable
@@ -27,6 +29,8 @@ from aftune.audit import names
 from aftune.crypto import hashing
 from aftune.crypto import merkle
 from aftune.crypto import signing
+from aftune.model import blocks as grid_lib
+from aftune.model import family
 
 PyTree = Any
 
@@ -168,6 +172,78 @@ def check_model_digests(digests_json, model_hash: str, what: str, chk: Checks) -
   chk.require(hashing.hash_leaf_digests(list(digests.items())).hex() == model_hash, check,
               f"the revealed model digests do not hash to the {what} model hash")
   return digests
+
+
+def tree_paths(tree: PyTree) -> list[tuple[str, ...]]:
+  """The canonical path components of every leaf (the naming of `hashing.hash_pytree`)."""
+  return [hashing.path_components(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+@functools.lru_cache(maxsize=8)
+def _block_paths(model_json: str, units_per_block: int) -> tuple:
+  """Per layer block: (trainable paths, frozen paths), from shapes alone."""
+  cfg = family.config_from_dict(json.loads(model_json))
+  n = grid_lib.num_layer_blocks(len(family.of(cfg).unit_names(cfg)), units_per_block)
+  out = []
+  for j in range(n):
+    _, t_abs, f_abs = grid_lib.abstract_block(cfg, units_per_block, j)
+    out.append((tree_paths(t_abs), tree_paths(f_abs)))
+  return tuple(out)
+
+
+def check_final_model(final_digests_json, base_digests: dict, training_commitment: dict,
+                      leaves: dict, model_cfg: dict, grid: Any, chk: Checks) -> None:
+  """The model a training commitment names as final is the end state its trace commits to.
+
+  The per-parameter digests of the final model must hash to `final_model_hash`; for every
+  layer block j, the digests of its trainable parameters must hash to the committed leaf
+  (params, T, j) (the state after the last step), and its frozen parameters must be the
+  base model's. So a commitment cannot name one model as final while its trace ends in
+  another: any audited cell (and any inference audit bound to the training) checks it.
+
+  Args:
+    final_digests_json: [[path components], hex digest] of the final model.
+    base_digests: path components -> digest of the base model (already authenticated).
+    training_commitment: the client's signed training commitment.
+    leaves: (kind, step, block) -> payload of leaves whose inclusion was checked against it.
+    model_cfg: the job's model config (its parameter tree, from shapes alone).
+    grid: the training grid.
+    chk: the cell's checks.
+  """
+  digests = {tuple(c): bytes.fromhex(d) for c, d in final_digests_json}
+  chk.require(len(digests) == len(final_digests_json), "final_model",
+              "the final model digests list a parameter twice")
+  chk.require(hashing.hash_leaf_digests(list(digests.items())).hex()
+              == training_commitment["final_model_hash"], "final_model",
+              "the final model digests do not hash to the committed final_model_hash")
+  try:
+    blocks = _block_paths(json.dumps(model_cfg, sort_keys=True), grid.units_per_block)
+  except (TypeError, ValueError, KeyError) as e:
+    raise AuditInputError(f"the job's model config does not describe a model ({e})") from None
+  chk.require(len(blocks) == grid.num_layer_blocks, "job_spec",
+              "the model config and the grid disagree on the number of layer blocks")
+  listed = set()
+  for j, (t_paths, f_paths) in enumerate(blocks):
+    missing = [c for c in t_paths + f_paths if c not in digests]
+    chk.require(not missing, "final_model", "the final model digests lack parameter "
+                f"{hashing.path_str(missing[0]) if missing else ''}")
+    end = leaves.get(("params", grid.num_steps, j))
+    chk.require(end is not None, "opening", f"the bundle does not reveal the committed final "
+                f"parameters of block {j} (params, step {grid.num_steps})")
+    ok = hashing.hash_leaf_digests([(c, digests[c]) for c in t_paths]) == end
+    chk.require(ok, "final_model", f"block {j} of the model named final (final_model_hash) is not "
+                f"the end state of the trace (the parameters committed after step "
+                f"{grid.num_steps - 1}): another model is passed off as the trained one",
+                grid.num_steps - 1, sorted({c[0] for c in t_paths}))
+    changed = [c for c in f_paths if digests[c] != base_digests.get(c)]
+    chk.require(not changed, "final_model", "frozen parameter "
+                f"{hashing.path_str(changed[0]) if changed else ''} of the final model is not the "
+                "base model's", where=[hashing.path_str(c) for c in changed])
+    listed.update(t_paths)
+    listed.update(f_paths)
+  extra = sorted(set(digests) - listed)
+  chk.require(not extra, "final_model", "the final model digests list parameters the model "
+              f"does not have ({hashing.path_str(extra[0]) if extra else ''})")
 
 
 def verify_cell(bundle, *, commitment: dict[str, Any], grid: Any, id_field: str, what: str, spec: dict,

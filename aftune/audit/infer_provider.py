@@ -30,10 +30,14 @@ class InferenceProvider(provider_lib.ProviderBase):
     record_dir: the record `serving.serve` wrote.
     model: the model it served (after `hooks.served`, for a dishonest server).
     hooks: the server's deviations; regeneration replays them. None: honest.
+    training_binding: for a model served from an audited training, what ties it to that
+      trace's end state (`train_provider.Provider.training_binding()`); every opening
+      carries it, so a client holding the training commitment can check it.
   """
 
   def __init__(self, record_dir: str | Path, model: serving.ServedModel, *,
-               hooks: gen_lib.ServeHooks | None = None):
+               hooks: gen_lib.ServeHooks | None = None,
+               training_binding: dict | None = None):
     self.dir = Path(record_dir)
     self.commitment, self.spec, grid, leaves = serving.load_record(self.dir)
     super().__init__(self.dir, grid, leaves)
@@ -43,6 +47,7 @@ class InferenceProvider(provider_lib.ProviderBase):
           f"given {model.model_hash[:16]}…")
     self.model = model
     self.hooks = hooks
+    self.training_binding = training_binding
     self.stored = tensorfile.read(self.dir / "tensors.safetensors.zst")
     self._regenerated: dict[str, np.ndarray] | None = None
 
@@ -80,8 +85,12 @@ class InferenceProvider(provider_lib.ProviderBase):
         leaves.append(self.leaf_entry("inf_out", s, j))
       tensors[names.infer_tokens(s)] = self.stored[names.infer_tokens(s)]
       leaves += [self.leaf_entry("tokens", s, -1), self.leaf_entry("sample_key", s, -1)]
+    # Every later step's tokens too (leaves only): the client checks its whole response.
+    leaves += [self.leaf_entry("tokens", s, -1) for s in range(t + 1, self.grid.num_steps)]
     digests = provider_lib.model_digests(self.model.blocked)
     manifest = {"format": bundle_lib.INFERENCE_FORMAT, "cell": {"layer_block": k, "step_block": t},
                 "commitment": self.commitment, "spec": self.spec, "leaves": leaves,
                 "model_digests": digests}
+    if self.training_binding is not None:
+      manifest["training"] = self.training_binding
     return bundle_lib.Bundle(manifest, tensors)

@@ -10,8 +10,11 @@ sampling settings, with rows that had already stopped emitting padding.
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,6 +35,8 @@ def verify_inference_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, 
                             expected_model_hash: str | None = None,
                             expected_model_config: dict[str, Any] | None = None,
                             expected_request: dict[str, Any] | None = None,
+                            training_commitment: dict[str, Any] | None = None,
+                            response: dict[str, Any] | None = None,
                             challenge: challenge_doc.Challenge | None = None, mode: str = "exact",
                             tolerances: dict[str, float] | None = None,
                             check_environment: bool = True,
@@ -48,6 +53,11 @@ def verify_inference_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, 
       RoPE); None to skip.
     expected_request: what the client sent: {"prompts": [[ids]...], "settings": {...}}
       (settings: any subset of ServeSettings fields); None to skip.
+    training_commitment: the signed commitment of the training the served model is promised
+      to come from: the opening must then prove that the served weights are that trace's
+      end state (its final parameter leaves, `core.check_final_model`); None to skip.
+    response: what the client received (schemas.RESPONSE: the generated ids per prompt):
+      every token must be the committed one; None to skip.
     challenge: the challenge the cell answers, or None.
     mode: "exact" (bitwise) or "tolerance".
     tolerances: overrides of core.TOLERANCES (fwd_out for activations, loss for logits).
@@ -62,8 +72,12 @@ def verify_inference_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, 
   m = bundle.manifest
 
   def authenticate(chk: core.Checks) -> None:
-    _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
+    leaves = _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
     _check_promises(m["spec"], expected_model_config, expected_request, chk)
+    if training_commitment is not None:
+      _check_training_binding(m, training_commitment, chk)
+    if response is not None:
+      _check_response(m["spec"], response, leaves, grid, commitment, chk)
     if chk.mode == "exact":
       _check_programs(bundle, grid, chk, fns)
 
@@ -97,6 +111,10 @@ def _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
               f"{grid.num_steps} generation steps committed, max_new_tokens is "
               f"{spec['settings']['max_new_tokens']}")
   leaves = core.check_inclusion(m["leaves"], grid, commitment, chk)
+  # Every step's tokens: the response the client holds is checked against all of them.
+  missing = [s for s in range(grid.num_steps) if ("tokens", s, -1) not in leaves]
+  chk.require(not missing, "opening", f"the bundle does not reveal the committed tokens of steps "
+              f"{missing}")
   chk.require(leaves.get(("inf_spec", -1, -1)) == spec_id, "spec",
               "the inf_spec leaf does not carry the inference id")
   # What the cell needs, each under its own leaf (never trust the bundle's own list).
@@ -121,6 +139,106 @@ def _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
       chk.require(digests.get(comps) == hashing.hash_array(arr), "model",
                   f"parameter {'/'.join(comps)} of block {k} is not the served model's",
                   where=["/".join(comps)])
+  return leaves
+
+
+def _check_training_binding(m, training_commitment, chk) -> None:
+  """The served weights are the end state of the promised training's trace."""
+  binding = m.get("training")
+  chk.require(binding is not None, "model", "the opening does not bind the served model to the "
+              "promised training's end state (no training binding)")
+  chk.require(binding["commitment"] == training_commitment, "model",
+              "the opening binds the served model to another training commitment")
+  chk.require(m["spec"]["model_hash"] == training_commitment["final_model_hash"], "model",
+              "the served model is not the promised training's final model")
+  grid = trace.Grid.from_dict(training_commitment["grid"])
+  leaves = core.check_inclusion(binding["leaves"], grid, training_commitment, chk)
+  base = core.check_model_digests(binding["base_model_digests"],
+                                  training_commitment["base_model_hash"], "base", chk)
+  core.check_final_model(m["model_digests"], base, training_commitment, leaves, m["spec"]["model"],
+                         grid, chk)
+
+
+def response_steps(tokens: list[list[int]], num_steps: int, pad_id: int) -> list[np.ndarray] | None:
+  """The per-step token arrays [B] a response implies (rows that stopped emit padding),
+  or None when a row is longer than the generation."""
+  if any(len(row) > num_steps for row in tokens):
+    return None
+  return [np.asarray([row[s] if s < len(row) else pad_id for row in tokens], np.int32)
+          for s in range(num_steps)]
+
+
+def _check_response(spec, response, leaves, grid, commitment, chk) -> None:
+  """Every token the client received is the committed one (all steps, not only the cell's)."""
+  chk.require(response["inference_id"] == commitment["inference_id"], "response",
+              "the response is for another served batch")
+  tokens = response["tokens"]
+  chk.require(len(tokens) == len(spec["prompts"]), "response",
+              f"the response has {len(tokens)} rows, the committed batch {len(spec['prompts'])}")
+  steps = response_steps(tokens, grid.num_steps, int(spec["settings"]["pad_id"]))
+  chk.require(steps is not None, "response", f"a response row is longer than the "
+              f"{grid.num_steps} committed generation steps")
+  for s, arr in enumerate(steps):
+    chk.require(hashing.hash_array(arr) == leaves[("tokens", s, -1)], "response",
+                f"step {s}: the tokens the client received are not the committed ones "
+                "(the response differs from what was generated and audited)", s)
+
+
+def tensor_schema(manifest: dict[str, Any], commitment: dict[str, Any]) -> dict | None:
+  """The exact tensors (name -> dtype, shape) of this inference cell's bundle, derived from
+  the committed spec; None for another batch's manifest or a cell outside the grid."""
+  spec = manifest["spec"]
+  if hashing.hash_json(spec).hex() != commitment.get("inference_id"):
+    return None
+  grid = trace.InferenceGrid.from_dict(commitment["grid"])
+  k, t = int(manifest["cell"]["layer_block"]), int(manifest["cell"]["step_block"])
+  if not (0 <= k < grid.num_layer_blocks and 0 <= t < grid.num_steps):
+    return None
+  try:
+    shapes = _batch_shapes(commitment["inference_id"], json.dumps(spec, sort_keys=True))
+  except (TypeError, ValueError, KeyError) as e:
+    raise core.AuditInputError(f"the spec of served batch {commitment['inference_id'][:16]} does "
+                               f"not describe a model this verifier can build ({e})") from None
+  if len(shapes["blocks"]) != grid.num_layer_blocks:
+    return None
+  params, frozen = shapes["blocks"][k]
+  out = {f"{names.PARAMS}/{p}": v for p, v in params.items()}
+  out.update({f"{names.FROZEN}/{p}": v for p, v in frozen.items()})
+  for s in range(t + 1):
+    for j in ([k - 1] if k > 0 else []) + [k]:
+      out[names.infer_out(s, j)] = shapes["prefill" if s == 0 else "decode"][j]
+    out[names.infer_tokens(s)] = shapes["tokens"]
+  return out
+
+
+@functools.lru_cache(maxsize=4)
+def _batch_shapes(inference_id: str, spec_json: str) -> dict[str, Any]:
+  del inference_id  # the cache key: the spec hashes to it
+  spec = json.loads(spec_json)
+  grid = trace.InferenceGrid.from_dict(spec["grid"])
+  cfg = family.config_from_dict(spec["model"])
+  size = int(spec["max_total_len"])
+  ids, mask = gen_lib.left_pad(spec["prompts"], int(spec["settings"]["pad_id"]))
+  sig = lambda a: (np.dtype(a.dtype).name, tuple(int(d) for d in a.shape))
+  flat = lambda tree: {hashing.path_str(c): sig(a) for c, a in zip(
+      core.tree_paths(tree), jax.tree_util.tree_leaves(tree))}
+  n_blocks = grid_lib.num_layer_blocks(len(family.of(cfg).unit_names(cfg)), grid.units_per_block)
+  x_p = jax.ShapeDtypeStruct(ids.shape, jnp.int32)
+  x_d = jax.ShapeDtypeStruct((ids.shape[0], 1), jnp.int32)
+  decode_ctx = gen_lib.decode_ctx(mask, 1, size) if ids.shape[1] < size else None
+  blocks, prefill, decode = [], [], []
+  for j in range(n_blocks):
+    block_spec, t_abs, f_abs = grid_lib.abstract_block(cfg, grid.units_per_block, j)
+    blocks.append((flat(t_abs), flat(f_abs)))
+    x_p, cache = jax.eval_shape(lambda p, f, x, c, b=block_spec: gen_lib.block_prefill(b, p, f, x, c, size),
+                                t_abs, f_abs, x_p, gen_lib.prefill_ctx(mask))
+    prefill.append(sig(x_p))
+    if decode_ctx is not None:
+      x_d, _ = jax.eval_shape(lambda p, f, x, c, ctx, b=block_spec: gen_lib.block_decode(b, p, f, x, c, ctx),
+                              t_abs, f_abs, x_d, cache, decode_ctx)
+      decode.append(sig(x_d))
+  return {"blocks": blocks, "prefill": prefill, "decode": decode,
+          "tokens": ("int32", (int(ids.shape[0]),))}
 
 
 def _check_promises(spec, model_config, request, chk) -> None:

@@ -76,6 +76,7 @@ class Provider(provider_lib.ProviderBase):
     self.checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", create=False)
     self._dataset_tree: merkle.MerkleTree | None = None
     self._model_digests: list | None = None
+    self._final_model_digests: list | None = None
     self._last_state: dict[int, tuple[int, PyTree, PyTree]] = {}
 
   # ---- pieces ----------------------------------------------------------------------
@@ -89,6 +90,24 @@ class Provider(provider_lib.ProviderBase):
     if self._model_digests is None:  # one pass over the base model, reused by every cell
       self._model_digests = provider_lib.model_digests(self.job.blocked)
     return self._model_digests
+
+  def final_model_digests(self) -> list:
+    """The per-parameter digests of the final model (the state after the last step)."""
+    if self._final_model_digests is None:
+      params, _ = loop.restore_state(self.checkpointer, self.grid.num_steps, self.job)
+      self._final_model_digests = provider_lib.model_digests(self.job.blocked, params)
+    return self._final_model_digests
+
+  def final_state_leaves(self) -> list[dict[str, Any]]:
+    """Every block's committed final parameters leaf, with its inclusion proof."""
+    return [self.leaf_entry("params", self.grid.num_steps, j)
+            for j in range(self.grid.num_layer_blocks)]
+
+  def training_binding(self) -> dict[str, Any]:
+    """What ties a model served from this run to the trace's end state (an inference
+    opening carries it: `infer_verifier` checks it against the training commitment)."""
+    return {"commitment": self.commitment, "leaves": self.final_state_leaves(),
+            "base_model_digests": self.model_digests()}
 
   def dataset_tree(self) -> merkle.MerkleTree:
     if self._dataset_tree is None:
@@ -220,6 +239,10 @@ class Provider(provider_lib.ProviderBase):
       tree = self.dataset_tree()
       examples[str(t)] = [[h.hex() for h in tree.inclusion_proof(int(i))] for i in indices]
 
+    # Every block's final parameters leaf: the verifier checks the model the commitment
+    # names as final against them (core.check_final_model).
+    have = {(e["kind"], e["step"], e["block"]) for e in leaves}
+    leaves += [e for e in self.final_state_leaves() if (e["kind"], e["step"], e["block"]) not in have]
     manifest = {
         "format": bundle_lib.FORMAT,
         "cell": {"layer_block": k, "step_block": s},
@@ -231,6 +254,7 @@ class Provider(provider_lib.ProviderBase):
         "trees": trees,
         "frozen_prefix": names.FROZEN,
         "model_digests": self.model_digests(),
+        "final_model_digests": self.final_model_digests(),
         "example_proofs": examples,
         # "": read from storage; "block": state replayed from a checkpoint with block k
         # alone; "model": the whole model replayed (boundaries not stored, I_A > 1).

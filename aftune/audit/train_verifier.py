@@ -19,6 +19,8 @@ The verifier only ever holds one layer block's parameters.
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 import jax
@@ -94,12 +96,15 @@ def verify_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, Any],
     params = core.unflatten(t_abs, T, names.state("start", "params"), chk)
     opt_state = core.unflatten(opt_abs, T, names.state("start", "opt_state"), chk)
     frozen = core.unflatten(f_abs, T, names.FROZEN, chk)
-    leaves = {(e["kind"], e["step"], e["block"]): bytes.fromhex(e["payload"]) for e in m["leaves"]}
-    committed = lambda kind, t, j=-1: _leaf(leaves, kind, t, j, chk)
+    committed_leaves = {(e["kind"], e["step"], e["block"]): bytes.fromhex(e["payload"])
+                        for e in m["leaves"]}
+    committed = lambda kind, t, j=-1: _leaf(committed_leaves, kind, t, j, chk)
     for kind, tree in (("params", params), ("opt_state", opt_state)):
       chk.require(hashing.hash_pytree(tree) == committed(kind, steps[0], k), "opening",
                   f"start {kind} do not match the committed hash", steps[0])
-    _check_against_base_model(m, spec, k, frozen, params if s == 0 else None, chk)
+    base = _check_against_base_model(m, spec, k, frozen, params if s == 0 else None, chk)
+    core.check_final_model(m["final_model_digests"], base, commitment, committed_leaves,
+                           hp["model"], grid, chk)
     _check_data(bundle, spec, grid, steps, committed, chk)
     if chk.mode == "exact":
       _check_programs(block_spec, opt_cfg, params, frozen, opt_state, bundle, spec, k, steps[0],
@@ -145,6 +150,9 @@ def _authenticate(bundle, commitment, agreed, challenge, grid, chk: core.Checks)
     chk.require(not diff, "job_spec", f"the job spec differs from what the client agreed in {diff}")
   chk.require(trace.Grid.from_dict(spec["grid"]) == grid, "job_spec",
               "the job spec's grid is not the committed grid")
+  chk.require(spec["hyperparameters"]["num_steps"] == grid.num_steps, "job_spec",
+              f"the job spec declares {spec['hyperparameters']['num_steps']} steps, its grid "
+              f"commits {grid.num_steps}")
   leaves = core.check_inclusion(m["leaves"], grid, commitment, chk)
   chk.require(leaves.get(("job_spec", -1, -1)) == job_id, "job_spec",
               "the job_spec leaf does not carry the job id")
@@ -186,8 +194,79 @@ def cell_step_leaves(grid: trace.Grid, k: int) -> list[tuple[str, int]]:
   return keys
 
 
-def _check_against_base_model(m, spec, k, frozen, start_params, chk: core.Checks) -> None:
-  """Frozen (and step-0) parameters are the agreed base model's, via its leaf digests."""
+def tensor_schema(manifest: dict[str, Any], commitment: dict[str, Any]) -> bundle_lib.TensorSchema | None:
+  """The exact tensors (name -> dtype, shape) the bundle of this cell must hold, derived from
+  the committed job spec; None when the manifest is for another job or a cell outside the
+  committed grid (the verifier then fails or refuses it on the manifest alone)."""
+  spec = manifest["job_spec"]
+  if hashing.hash_json(spec).hex() != commitment.get("job_id"):
+    return None
+  grid = trace.Grid.from_dict(commitment["grid"])
+  k, s = int(manifest["cell"]["layer_block"]), int(manifest["cell"]["step_block"])
+  if not (0 <= k < grid.num_layer_blocks and 0 <= s < grid.num_step_blocks):
+    return None
+  try:
+    shapes = _job_shapes(commitment["job_id"], json.dumps(spec, sort_keys=True))
+  except (TypeError, ValueError, KeyError) as e:
+    raise core.AuditInputError(f"the job spec of job {commitment['job_id'][:16]} does not "
+                               f"describe a model this verifier can build ({e})") from None
+  if len(shapes["blocks"]) != grid.num_layer_blocks:
+    return None  # the verifier fails the cell: model config and grid disagree
+  params, opt_state, frozen = shapes["blocks"][k]
+  out: dict[str, tuple[str, tuple[int, ...]]] = {}
+  for label in ("start", "end"):
+    out.update({f"{names.state(label, 'params')}/{p}": v for p, v in params.items()})
+    out.update({f"{names.state(label, 'opt_state')}/{p}": v for p, v in opt_state.items()})
+  out.update({f"{names.FROZEN}/{p}": v for p, v in frozen.items()})
+  for t in grid.step_block_range(s):
+    for kind, j in cell_step_leaves(grid, k):
+      out[names.step_tensor(t, kind, j)] = shapes["step"][(kind, j)]
+    for key, v in shapes["batch"].items():
+      out[names.batch_field(t, key)] = v
+  return out
+
+
+@functools.lru_cache(maxsize=4)
+def _job_shapes(job_id: str, spec_json: str) -> dict[str, Any]:
+  """Shapes of every tensor a cell of this job can reveal, traced from shapes alone."""
+  del job_id  # the cache key: the spec hashes to it
+  spec = json.loads(spec_json)
+  hp = spec["hyperparameters"]
+  grid = trace.Grid.from_dict(spec["grid"])
+  cfg = family.config_from_dict(hp["model"])
+  opt_cfg = optim.OptimConfig(**hp["optimizer"])
+  sig = lambda a: (np.dtype(a.dtype).name, tuple(int(d) for d in a.shape))
+  flat = lambda tree: {hashing.path_str(c): sig(a) for c, a in zip(
+      core.tree_paths(tree), jax.tree_util.tree_leaves(tree))}
+  batch = {key: jax.ShapeDtypeStruct(shape, dt) for key, (dt, shape) in
+           order.batch_shapes(int(hp["batch_size"]), int(hp["max_len"])).items()}
+  key = job_lib.step_key(int(spec["seed"]), 0)
+  n_blocks = grid_lib.num_layer_blocks(len(family.of(cfg).unit_names(cfg)), grid.units_per_block)
+  x = batch[family.of(cfg).INPUT_KEY]
+  blocks, step, partials = [], {}, []
+  for j in range(n_blocks):
+    block_spec, t_abs, f_abs = grid_lib.abstract_block(cfg, grid.units_per_block, j)
+    opt_abs = jax.eval_shape(lambda p: optim.init_opt_state(opt_cfg, p), t_abs)
+    blocks.append((flat(t_abs), flat(opt_abs), flat(f_abs)))
+    y, _ = jax.eval_shape(functools.partial(step_lib.block_forward, block_spec), t_abs, f_abs, x,
+                          batch, key)
+    partial = jax.eval_shape(functools.partial(step_lib.block_sq_norms, block_spec), t_abs)
+    step[("fwd_out", j)] = step[("bwd_in", j)] = sig(y)  # a cotangent has its output's shape
+    step[("sq_norms", j)] = sig(partial)
+    partials.append(partial)
+    x = y
+  step[("loss", -1)] = sig(x)
+  step[("grad_norm", -1)] = sig(jax.eval_shape(step_lib.combine_norms, partials))
+  indices = order.example_indices_for_step(int(spec["seed"]), int(spec["num_examples"]),
+                                           int(hp["batch_size"]), 0)
+  step[("indices", -1)] = sig(indices)
+  return {"blocks": blocks, "step": step,
+          "batch": {key: sig(v) for key, v in batch.items()}}
+
+
+def _check_against_base_model(m, spec, k, frozen, start_params, chk: core.Checks) -> dict:
+  """Frozen (and step-0) parameters are the agreed base model's, via its leaf digests;
+  returns the base model's (authenticated) digests."""
   digests = core.check_model_digests(m["model_digests"], spec["base_model_hash"], "base", chk)
   for tree, what in ((frozen, "frozen"), (start_params, "starting")):
     if tree is None:
@@ -196,6 +275,7 @@ def _check_against_base_model(m, spec, k, frozen, start_params, chk: core.Checks
       chk.require(digests.get(comps) == digest, "base_model",
                   f"{what} parameter {hashing.path_str(comps)} of block {k} is not the base "
                   "model's", where=[hashing.path_str(comps)])
+  return digests
 
 
 def _batch(T, t: int) -> dict[str, np.ndarray | None]:

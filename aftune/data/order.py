@@ -17,6 +17,14 @@ from collections.abc import Mapping
 import numpy as np
 
 BATCH_KEYS: tuple[str, ...] = ("tokens", "targets", "loss_mask", "attn_mask")
+# The dtypes encoding.encode_example gives each field (a verifier checks bundles against them).
+BATCH_DTYPES = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32,
+                "attn_mask": np.bool_}
+
+
+def batch_shapes(batch_size: int, max_len: int) -> dict[str, tuple[np.dtype, tuple[int, int]]]:
+  """field -> (dtype, [B, T] shape) of a batch, as `make_batch` builds it."""
+  return {k: (np.dtype(BATCH_DTYPES[k]), (batch_size, max_len)) for k in BATCH_KEYS}
 
 
 @functools.lru_cache(maxsize=8)

@@ -43,6 +43,7 @@ from aftune.record import commitment as commitment_lib
 from aftune.record import jobspec
 from aftune.record import layout as trace
 from aftune.record import recorder as recorder_lib
+from aftune.record import schemas
 from aftune.record import tensorfile
 from aftune.train import checkpoint as ckpt_lib
 from aftune.train import job as job_lib
@@ -231,6 +232,14 @@ def serve(model: ServedModel, prompts_tokens: Sequence[Sequence[int]], settings:
          "grid": grid.to_dict(), "model_hash": model.model_hash, "source": model.source}
   doc = signing.sign_document(doc, recorder_lib.load_or_create_key(Path(key_path)))
   jsonio.write_json(out_dir / "commitment.json", doc)
+  # What the client holds afterwards: the request it sent and the response it received
+  # (the inference audit checks both against the commitment: --request, --response).
+  jsonio.write_json(out_dir / "request.json", {
+      "prompts": spec["prompts"],
+      "settings": {k: v for k, v in spec["settings"].items() if k != "activation_interval"}})
+  jsonio.write_json(out_dir / "response.json", {
+      "format": schemas.RESPONSE_FORMAT, "inference_id": doc["inference_id"],
+      "merkle_root": doc["merkle_root"], "tokens": [list(map(int, r)) for r in result.tokens]})
   logging.info("served %d prompts, %d steps; committed root %s", len(prompts_tokens),
                result.num_steps, doc["merkle_root"][:16])
   return {"result": result, "commitment": doc}

@@ -19,6 +19,7 @@ from typing import Sequence
 from aftune import jsonio
 from aftune.crypto import signing
 from aftune.record import layout
+from aftune.record import schemas
 
 TRAINING_FORMAT = "aftune-commitment/v1"
 INFERENCE_FORMAT = "aftune-inference-commitment/v1"
@@ -42,14 +43,19 @@ def load(path: str | os.PathLike[str], *, formats: Sequence[str] = FORMATS,
     layout.TraceError: missing, not strict JSON, badly signed, or another format.
   """
   doc = jsonio.load_json(path, layout.TraceError, "signed document")
+  fmt = doc.get("format") if isinstance(doc, dict) else None
+  if fmt not in formats:
+    raise layout.TraceError(f"{os.fspath(path)}: format {fmt!r}, expected one of {list(formats)}")
+  schemas.check(doc, _SCHEMAS[fmt], path, layout.TraceError)
   try:
     signing.verify_document(doc, public_key)
   except signing.SignatureError as e:
     raise layout.TraceError(f"{os.fspath(path)}: {e}") from None
-  if doc.get("format") not in formats:
-    raise layout.TraceError(f"{os.fspath(path)}: format {doc.get('format')!r}, expected one of "
-                            f"{list(formats)}")
   return doc
+
+
+_SCHEMAS = {TRAINING_FORMAT: schemas.TRAINING_COMMITMENT,
+            INFERENCE_FORMAT: schemas.INFERENCE_COMMITMENT, ROOT_FORMAT: schemas.ROOT}
 
 
 def is_inference(doc: dict[str, Any]) -> bool:

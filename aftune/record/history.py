@@ -18,6 +18,7 @@ from aftune.crypto import signing
 from aftune.record import commitment as commitment_lib
 from aftune.record import integrity
 from aftune.record import layout as trace
+from aftune.record import schemas
 
 HISTORY_FORMAT = "aftune-history/v1"
 
@@ -47,10 +48,20 @@ def verify_history(history: dict[str, Any], commitment: dict[str, Any],
                    received_roots: list[dict[str, Any]] | None = None) -> list[str]:
   """The client's check that history was not rewritten; returns the problems (empty: ok).
 
-  Every periodic root must be signed by the commitment's key, be for the same job, and
-  be a prefix of the final tree (consistency proof). `received_roots` are the signed
-  roots the client got during training: each must appear in the history, unchanged.
+  Every periodic root must be signed by the commitment's key, be for the same job, cover
+  exactly the leaves the grid places before its step (a root "at step S" over the leaves
+  of an earlier step would leave the steps between open to rewriting), and be a prefix of
+  the final tree (consistency proof). `received_roots` are the signed roots the client got
+  during training: each must appear in the history, unchanged. Without them (None) this
+  only shows that the final trace extends the roots the provider chose to show.
+
+  Raises:
+    errors.InputError: a history or received root that is not of its format's shape.
   """
+  schemas.check(history, schemas.HISTORY, "history")
+  for i, doc in enumerate(received_roots or []):
+    schemas.check(doc, schemas.ROOT, f"received root #{i}")
+  grid = trace.Grid.from_dict(commitment["grid"])
   problems = []
   key = commitment["signature"]["public_key"]
   if (history.get("format") != HISTORY_FORMAT or history.get("job_id") != commitment["job_id"]
@@ -69,6 +80,9 @@ def verify_history(history: dict[str, Any], commitment: dict[str, Any],
     if doc.get("job_id") != commitment["job_id"]:
       problems.append(f"root at step {doc.get('step')}: signed for another job")
       continue
+    if problem := _size_problem(doc, grid):
+      problems.append(problem)
+      continue
     proof = [bytes.fromhex(h) for h in entry["proof"]]
     if not merkle.verify_consistency(doc["size"], commitment["num_leaves"],
                                      hashing.from_hex(doc["root"]), final, proof):
@@ -76,7 +90,20 @@ def verify_history(history: dict[str, Any], commitment: dict[str, Any],
                       "not extend it (history rewritten)")
     seen.add(hashing.canonical_json_bytes(doc))
   for doc in received_roots or []:
-    if hashing.canonical_json_bytes(doc) not in seen:
+    if problem := _size_problem(doc, grid):
+      problems.append(f"received {problem}")
+    elif hashing.canonical_json_bytes(doc) not in seen:
       problems.append(f"the signed root received at step {doc.get('step')} is missing from the "
                       "history or was changed")
   return problems
+
+
+def _size_problem(doc: dict[str, Any], grid: trace.Grid) -> str | None:
+  """Why a periodic root's step and leaf count disagree with the grid, or None."""
+  step, size = doc["step"], doc["size"]
+  if not 0 <= step <= grid.num_steps:
+    return f"root at step {step}: outside the job's {grid.num_steps} steps"
+  if size != grid.offset(step):
+    return (f"root at step {step}: covers {size} leaves, the grid puts {grid.offset(step)} before "
+            f"step {step} (a root that claims a later step than it covers)")
+  return None
