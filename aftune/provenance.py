@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 
+from aftune import errors
+
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml-dtypes", "blake3",
              "ml-collections", "tokenizers", "safetensors")
 
@@ -55,12 +57,51 @@ def accelerator_packages() -> dict[str, str]:
   return dict(sorted(out.items()))
 
 
+POOL_ENV = "PJRT_NPROC"
+
+
 def cpu_threads() -> int:
-  """The CPU affinity XLA sees: it sets the intra-op thread count, which changes bits."""
+  """The CPUs this process may run on (its affinity)."""
   try:
     return len(os.sched_getaffinity(0))
   except AttributeError:  # not Linux
     return os.cpu_count() or 1
+
+
+def _positive_int(text: str | None) -> int | None:
+  try:
+    n = int(text) if text else 0
+  except ValueError:
+    return None
+  return n if n > 0 else None
+
+
+def intra_op_threads() -> int:
+  """The size of XLA:CPU's intra-op thread pool, which decides the bits of CPU reductions.
+
+  XLA sizes it from PJRT_NPROC, else NPROC, else the visible cores (`xla/pjrt/utils.cc`,
+  DefaultThreadPoolSize). The pool size, not the hardware, decides the summation order:
+  a 1-core verifier with PJRT_NPROC=2 replays a 2-core record bitwise, only slower
+  (docs/determinism.md).
+  """
+  return (_positive_int(os.environ.get(POOL_ENV)) or _positive_int(os.environ.get("NPROC"))
+          or cpu_threads())
+
+
+def set_intra_op_threads(n: int) -> None:
+  """Fixes this process's intra-op pool size; must run before JAX starts its CPU backend.
+
+  Raises:
+    errors.ConfigError: n < 1, or the backend already runs with another pool size.
+  """
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
+  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    raise errors.ConfigError(f"intra-op thread pool size must be a positive int, got {n!r}")
+  if xla_bridge.backends_are_initialized() and intra_op_threads() != n:
+    raise errors.ConfigError(f"JAX already runs with an intra-op pool of {intra_op_threads()}; "
+                             f"{POOL_ENV}={n} must be set before JAX starts")
+  os.environ[POOL_ENV] = str(n)
 
 
 def environment_manifest() -> dict[str, Any]:
@@ -73,7 +114,7 @@ def environment_manifest() -> dict[str, Any]:
       "device_kind": devices[0].device_kind,
       "device_count": len(devices),
       "process_count": jax.process_count(),
-      "cpu_threads": cpu_threads(),
+      "intra_op_threads": intra_op_threads(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "prng_impl": str(jax.config.jax_default_prng_impl),
       "threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
@@ -103,5 +144,6 @@ def provenance() -> dict[str, Any]:
       "git_sha": git_sha(),
       "argv": sys.argv,
       "hostname": platform.node(),
+      "cpu_threads": cpu_threads(),
       "devices": [str(d) for d in jax.devices()],
   }

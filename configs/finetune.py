@@ -77,6 +77,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   c.log_every = 10  # steps between progress lines and metrics.jsonl rows
 
+  c.platform = ml_collections.ConfigDict()
+  # XLA:CPU's intra-op thread pool (PJRT_NPROC): it decides the bits of CPU reductions and
+  # is committed in the job spec; every replay (provider, verifier) sets the same. 0: as
+  # the process starts (PJRT_NPROC, else the visible cores).
+  c.platform.intra_op_threads = 0
+
   if variant == "tiny":
     pass
   elif variant == "smoke":

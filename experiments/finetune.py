@@ -12,6 +12,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from aftune import errors
+from aftune import provenance
 from aftune.train import trainer as train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py:tiny", "Run sheet.",
@@ -22,8 +23,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run's files go.", req
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.info("JAX %s on %s: %s", jax.__version__, jax.default_backend(), jax.devices())
   with errors.exit_on_input_error():  # a wrong config, a workdir of another job, bad data
+    if _CONFIG.value.platform.intra_op_threads:  # before the first JAX call starts the backend
+      provenance.set_intra_op_threads(int(_CONFIG.value.platform.intra_op_threads))
+    logging.info("JAX %s on %s: %s (intra-op pool %d)", jax.__version__, jax.default_backend(),
+                 jax.devices(), provenance.intra_op_threads())
     result = train.train(_CONFIG.value, _WORKDIR.value)
   if result.losses:
     logging.info("done: %d steps, final loss %.4f", result.step, result.losses[-1])

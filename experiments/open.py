@@ -7,10 +7,14 @@ With --record, the cells are (layer block, token step) cells of that served batc
 the model trained in W.
 """
 
+from pathlib import Path
+
 from absl import app
 from absl import flags
 
 from aftune import errors
+from aftune import jsonio
+from aftune import provenance
 from aftune.audit import challenge_doc
 from aftune.audit import infer_provider
 from aftune.audit import train_provider
@@ -25,6 +29,13 @@ _OUT = flags.DEFINE_string("out", "bundles", "Directory for the bundles.")
 def main(argv):
   del argv
   with errors.exit_on_input_error():
+    # Regeneration replays with the recorded intra-op pool (set before JAX starts).
+    spec_path = (Path(_RECORD.value) / "spec.json" if _RECORD.value
+                 else Path(_WORKDIR.value) / "trace" / "job_spec.json")
+    threads = jsonio.load_json(spec_path, errors.InputError, "spec").get(
+        "environment", {}).get("intra_op_threads")
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
+      provenance.set_intra_op_threads(threads)
     ch = challenge_doc.load_challenge(_CHALLENGE.value)
     if _RECORD.value:
       # Every opening carries what ties the served weights to the training's end state.

@@ -14,8 +14,9 @@ JSON (`unchecked`) and Markdown, what it did not check.
 
 Exit status: 0 every cell passed, 1 some cell failed, 2 the input could not be judged
 (one line on stderr naming the file and the problem; nothing is written).
-In exact mode the process pins itself to the recorded CPU thread count before JAX starts
-(the thread count changes the bits of CPU matmuls: docs/determinism.md).
+In exact mode the process sets XLA:CPU's intra-op pool to the recorded size before JAX
+starts (PJRT_NPROC: the pool size, not the core count, decides the bits of CPU reductions;
+a 1-core verifier replays a 2-core record bitwise, only slower: docs/determinism.md).
 """
 
 import json
@@ -57,12 +58,13 @@ _OUT = flags.DEFINE_string("out", "verdict.json", "Verdict JSON; the report goes
 
 
 def _pin_threads(paths):
+  """Sets XLA:CPU's intra-op pool to the recorded size before JAX starts: the pool size,
+  not the core count, decides the bits, so a verifier with fewer cores replays exactly."""
   manifest = bundle_lib.read_manifest(paths[0])
   spec = manifest.get("job_spec") or manifest.get("spec")
-  threads = spec.get("environment", {}).get("cpu_threads")
-  cpus = sorted(os.sched_getaffinity(0))
-  if isinstance(threads, int) and 0 < threads <= len(cpus):
-    os.sched_setaffinity(0, cpus[:threads])
+  threads = spec.get("environment", {}).get("intra_op_threads")
+  if isinstance(threads, int) and not isinstance(threads, bool) and 0 < threads <= 4096:
+    os.environ["PJRT_NPROC"] = str(threads)  # = provenance.POOL_ENV (no JAX import yet)
 
 
 def _tolerances():

@@ -218,7 +218,7 @@ def part_c(steps: int, sets: list[str], cpus: list[int], workdir: Path) -> dict:
   one = _spawn(workdir, cpus[:1], check_env=False, tolerance=True)
   print(f"  (c) verified on 1 CPU: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
   spec = json.loads((workdir / "run" / "trace" / "job_spec.json").read_text())
-  return {"recorded_cpu_threads": spec["environment"]["cpu_threads"], "num_cells": n_cells,
+  return {"recorded_cpu_threads": spec["environment"]["intra_op_threads"], "num_cells": n_cells,
           "cpus": {"same_threads": cpus[:2], "one_thread": cpus[:1]},
           "grid": spec["grid"], "same_threads": same, "one_thread": one}
 
@@ -345,7 +345,7 @@ def main() -> None:
   from aftune import provenance  # pylint: disable=g-import-not-at-top
   env = provenance.environment_manifest()
   print(f"jax {jax.__version__} on {env['backend']} ({env['device_kind']}, {env['machine']}), "
-        f"{env['cpu_threads']} CPU threads (CPUs {cpus}); tiny config, {args.steps} steps"
+        f"intra-op pool {env['intra_op_threads']} (CPUs {cpus}); tiny config, {args.steps} steps"
         + (f"; overrides {args.set}" if args.set else ""), flush=True)
   results: dict = {"environment": env, "steps": args.steps, "overrides": args.set}
   if args.part in ("b", "all"):

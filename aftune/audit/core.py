@@ -123,7 +123,16 @@ def unflatten(abstract: PyTree, tensors: dict[str, np.ndarray], prefix: str, chk
 
 
 def environment_differences(spec_env: dict[str, Any]) -> list[str]:
+  """The recorded environment fields a bitwise replay here would not reproduce.
+
+  The CPU's model name is information only: what decides the bits is the code XLA
+  generates for the CPU's instruction set (`cpu.isa`) and the intra-op pool size, not the
+  part number (docs/determinism.md, "The platform envelope").
+  """
   here = provenance.environment_manifest()
+  strip = lambda env: {**env, "cpu": (env.get("cpu") or {}).get("isa")
+                       if isinstance(env.get("cpu"), dict) else env.get("cpu")}
+  spec_env, here = strip(spec_env), strip(here)
   return sorted(k for k in set(spec_env) | set(here) if spec_env.get(k) != here.get(k))
 
 

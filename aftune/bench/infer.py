@@ -184,7 +184,7 @@ def format_infer_bench(r: dict[str, Any]) -> str:
   return "\n".join([
       f"model            {r['label'] or '(unnamed)'}: {r['num_params']:,} parameters "
       f"({r['num_params'] / 1e6:.1f}M), {r['num_blocks']} layer blocks of {r['units_per_block']} units",
-      f"backend          {env['backend']} ({env['device_kind']}), {env['cpu_threads']} CPU threads, "
+      f"backend          {env['backend']} ({env['device_kind']}), intra-op pool of {env['intra_op_threads']} threads, "
       f"jax {env['packages']['jax']}",
       f"batch            {r['batch']} prompts of {min(r['prompt_lengths'])}..{max(r['prompt_lengths'])} "
       f"tokens x {r['steps']} new tokens = {r['generated_tokens']} generated tokens per batch; "

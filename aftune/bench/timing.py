@@ -320,7 +320,7 @@ def format_train_bench(r: TrainBench) -> str:
   return "\n".join([
       f"config           {r.config_name or '(unnamed)'}",
       f"backend          {env['backend']} ({env['device_kind']}), "
-      f"{env['cpu_threads']} CPU threads, "
+      f"intra-op pool of {env['intra_op_threads']} threads, "
       f"jax {env['packages']['jax']}",
       f"model            {r.num_params:,} parameters ({r.num_params / 1e6:.1f}M), "
       f"{r.num_trainable:,} trainable, {r.num_blocks} layer blocks",

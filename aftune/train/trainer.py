@@ -90,6 +90,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     The final state and the losses of the steps this process ran.
   """
   workdir = Path(workdir)
+  threads = int(config.get("platform", {}).get("intra_op_threads", 0))
+  if threads:  # before JAX starts (or the pool it runs with already is this size)
+    provenance.set_intra_op_threads(threads)
   workdir.mkdir(parents=True, exist_ok=True)
   _check_or_write_config(workdir, config)
   job = job or job_lib.build_job(config)
