@@ -6,6 +6,7 @@ setuptools.setup(
     name="aftune",
     version="0.1.0",
     packages=setuptools.find_packages(include=["aftune", "aftune.*"]),
+    package_data={"aftune": ["doctor_vectors.json"]},
     python_requires=">=3.11",
     install_requires=[
         # Pinned: these decide the bits of every step (see docs/determinism.md).
