@@ -4,8 +4,9 @@ r"""Recording overhead: plain vs blocked vs blocked+recording, one process, inte
       --config.audit.steps_per_block=8 --config.audit.units_per_block=4 \
       --config.audit.checkpoint_interval=8 --config.audit.activation_interval=1
 
-Prints the ratios (recorded / plain is the headline), bytes stored per step by
-category and the hash throughput of aftune's hashing vs raw BLAKE3.
+Prints the ratios (recorded / plain is the headline; with torch installed, every variant
+against a plain transformers step of the same architecture, aftune/bench/torch_ref.py),
+bytes stored per step by category and the hash throughput of aftune's hashing vs raw BLAKE3.
 """
 
 import json
@@ -24,10 +25,14 @@ _ROUND = flags.DEFINE_integer("round_steps", 4, "Steps per variant per round.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 
 
+_TORCH = flags.DEFINE_bool("torch", True, "Also time a plain transformers step of the same "
+                           "architecture when torch is installed (the CPU speed baseline).")
+
+
 def main(argv):
   del argv
   r = bench_record.bench_record(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                                round_steps=_ROUND.value)
+                                round_steps=_ROUND.value, torch=_TORCH.value)
   print(bench_record.format_record_bench(r))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -4,7 +4,9 @@ r"""Times the blocked (auditable) training step against the plain single-jit ste
   python -m experiments.bench_train --config configs/finetune.py:small50m --steps 10 --warmup 2 \
       --json /tmp/bench_small50m.json
 
-Both variants run on one job (same model, batches and step keys), interleaved in rounds
+Both variants (and, with torch installed, a plain transformers step of the same
+architecture: aftune/bench/torch_ref.py) run on one job (same model, batches and step
+keys; torch: same architecture and batches, its own random init), interleaved in rounds
 after an untimed warmup that absorbs compilation; the report gives each variant's median
 s/step, steps/s and tokens/s, the blocked/plain ratio, and the process's peak RSS. Read
 the ratio against the IQR/median column: on a shared CPU single timings are noisy.
@@ -29,6 +31,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per variant first (co
 _ROUND_STEPS = flags.DEFINE_integer("round_steps", 2,
                                     "Consecutive steps of one variant before switching.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here as JSON.")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time a plain transformers step of the same "
+                           "architecture when torch is installed (the CPU speed baseline).")
 
 
 def main(argv):
@@ -40,7 +44,8 @@ def main(argv):
                        sorted(config_flags.get_override_values(config_flag).items()))
   config_name = " ".join(filter(None, [config_flags.get_config_filename(config_flag), overrides]))
   result = bench.bench_train(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                             round_steps=_ROUND_STEPS.value, config_name=config_name)
+                             round_steps=_ROUND_STEPS.value, config_name=config_name,
+                             torch=_TORCH.value)
   print(bench.format_train_bench(result), flush=True)
   if _JSON.value:
     out = {**result.to_json(), "config": json.loads(_CONFIG.value.to_json_best_effort())}

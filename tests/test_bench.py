@@ -122,3 +122,28 @@ def test_bench_train_on_a_very_small_job():
   assert out["time_ratio"] == r.time_ratio and out["paired_time_ratio"] == r.paired_time_ratio
   assert set(out["timings"]) == {"blocked", "plain"}
   assert out["timings"]["plain"]["tokens_per_s"] == pytest.approx(128 * plain.steps_per_s)
+
+
+def test_bench_train_times_the_torch_baseline_of_the_same_architecture():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import math  # pylint: disable=g-import-not-at-top
+
+  from aftune.bench import torch_ref  # pylint: disable=g-import-not-at-top
+  from aftune.train import job as job_lib  # pylint: disable=g-import-not-at-top
+
+  config = _very_small_config()
+  job = job_lib.build_job(config)
+  batches = [job.batch(i)[1] for i in range(3)]
+  step, losses = torch_ref.step_fn(job.model_cfg, job.opt_cfg, batches)
+  first = step(0)
+  # A random-init LM predicts near-uniformly: the masked mean cross-entropy is ~ln(V).
+  assert abs(first - math.log(job.model_cfg.vocab_size)) < 0.5
+  step(1)
+  step(2)
+  assert losses[0] == first and len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+  r = bench.bench_train(config, steps=2, warmup=1, round_steps=1, torch=True)
+  assert set(r.timings) == {"blocked", "plain", "torch"} and r.timings["torch"].steps == 2
+  report = bench.format_train_bench(r)
+  assert "ratio blocked/torch" in report and "torch" in r.final_loss

@@ -48,13 +48,16 @@ def hash_throughput(arrays: list[np.ndarray], repeats: int = 3) -> dict[str, flo
 
 
 def bench_record(config: ml_collections.ConfigDict, *, steps: int = 16, warmup: int = 2,
-                 round_steps: int = 4, workdir: str | Path | None = None) -> dict[str, Any]:
+                 round_steps: int = 4, workdir: str | Path | None = None,
+                 torch: bool = False) -> dict[str, Any]:
   """Times plain, blocked and recorded steps of one job, interleaved.
 
   Args:
     config: a finetune config (its audit settings are the recorded variant's).
     steps, warmup, round_steps: see `bench.time_interleaved`.
     workdir: where the recorded variant writes (default: a temporary directory).
+    torch: also time a plain transformers step of the same architecture
+      (`bench/torch_ref.py`), the CPU speed baseline.
 
   Returns:
     A JSON-able dict: timings, ratios, bytes per step by category, hash throughput.
@@ -106,8 +109,14 @@ def bench_record(config: ml_collections.ConfigDict, *, steps: int = 16, warmup: 
     if finish is not None:
       finish()  # the recorded variant is done when its trace is on disk
 
-  timings = bench.time_interleaved({"plain": plain, "blocked": blocked, "recorded": recorded},
-                                   steps=steps, warmup=warmup, round_steps=round_steps, block=block)
+  variants = {"plain": plain, "blocked": blocked, "recorded": recorded}
+  if torch:
+    from aftune.bench import torch_ref  # pylint: disable=g-import-not-at-top
+    ref = torch_ref.step_fn(job.model_cfg, opt_cfg, [b for _, b in batches], seed=int(config.seed))
+    if ref is not None:
+      variants["torch"] = lambda i, f=ref[0]: (f(i), None)
+  timings = bench.time_interleaved(variants, steps=steps, warmup=warmup, round_steps=round_steps,
+                                   block=block)
   ckpt.wait()
   p, o = state["recorded"]
   rec.finish(total, p, o)
@@ -135,6 +144,8 @@ def bench_record(config: ml_collections.ConfigDict, *, steps: int = 16, warmup: 
       "recorded_over_plain_paired": bench.paired_ratio(timings["recorded"], timings["plain"]),
       "blocked_over_plain": bench.time_ratio(timings["blocked"], timings["plain"]),
       "recorded_over_blocked": bench.time_ratio(timings["recorded"], timings["blocked"]),
+      **({f"{n}_over_torch": bench.time_ratio(timings[n], timings["torch"])
+          for n in ("plain", "blocked", "recorded")} if "torch" in timings else {}),
       "recorder_timings_s": dict(rec.timings),
       "bytes_per_step": per_step,
       "checkpoint_raw_bytes_per_step": raw_per_step,
@@ -157,6 +168,9 @@ def format_record_bench(r: dict[str, Any]) -> str:
          f"recorded / plain   = {r['recorded_over_plain']:.3f} (paired {r['recorded_over_plain_paired']:.3f})",
          f"blocked / plain    = {r['blocked_over_plain']:.3f}",
          f"recorded / blocked = {r['recorded_over_blocked']:.3f}",
+         *([f"vs torch (transformers, same architecture): plain {r['plain_over_torch']:.3f}, "
+            f"blocked {r['blocked_over_torch']:.3f}, recorded {r['recorded_over_torch']:.3f}"]
+           if "recorded_over_torch" in r else []),
          f"recorder worker: {r['recorder_timings_s']}", "", "bytes stored per step:"]
   out += [f"  {k:16s} {bench.fmt_bytes(v)}" for k, v in r["bytes_per_step"].items()]
   out.append(f"  {'total':16s} {bench.fmt_bytes(r['bytes_per_step_total'])}")

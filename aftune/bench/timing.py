@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.metadata
 import resource
 import statistics
 import sys
@@ -242,7 +243,7 @@ class TrainBench:
 
 def bench_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3,
                 round_steps: int = 2, job: job_lib.Job | None = None,
-                config_name: str = "") -> TrainBench:
+                config_name: str = "", torch: bool = False) -> TrainBench:
   """Times `blocked_step` against `plain_step` on one job.
 
   Both variants start from the job's initial state and take the same batches and step
@@ -255,6 +256,9 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: i
     steps, warmup, round_steps: see `time_interleaved`.
     job: a prebuilt job (otherwise built from config).
     config_name: a label for the report.
+    torch: also time a plain transformers step of the same architecture
+      (`bench/torch_ref.py`; skipped when torch is missing or the family has no
+      counterpart there).
 
   Returns:
     The TrainBench.
@@ -285,7 +289,14 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: i
     losses["plain"].append(loss)
     return params, opt, loss, g_norm
 
-  timings = time_interleaved({"blocked": blocked, "plain": plain}, steps=steps, warmup=warmup,
+  variants = {"blocked": blocked, "plain": plain}
+  torch_losses: list[float] = []
+  if torch:
+    from aftune.bench import torch_ref  # pylint: disable=g-import-not-at-top
+    ref = torch_ref.step_fn(job.model_cfg, opt_cfg, batches, seed=int(config.seed))
+    if ref is not None:
+      variants["torch"], torch_losses = ref
+  timings = time_interleaved(variants, steps=steps, warmup=warmup,
                              round_steps=round_steps,
                              on_warmup_done=lambda n: rss_stages.update(
                                  {f"{n} warmup": peak_rss_bytes()}))
@@ -300,11 +311,19 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: i
       num_trainable=n_trainable, num_blocks=job.blocked.num_blocks,
       batch_size=int(batches[0]["tokens"].shape[0]), seq_len=int(batches[0]["tokens"].shape[1]),
       real_tokens_per_step=float(np.mean(real)), warmup=warmup, round_steps=round_steps,
-      timings=timings, final_loss={"blocked": float(loss_b[-1]), "plain": float(loss_p[-1])},
+      timings=timings, final_loss={"blocked": float(loss_b[-1]), "plain": float(loss_p[-1]),
+                                   **({"torch": torch_losses[-1]} if torch_losses else {})},
       max_abs_loss_diff=float(np.max(np.abs(loss_b - loss_p))),
       losses_bitwise_equal=loss_b.tobytes() == loss_p.tobytes(),
       peak_rss_bytes=peak_rss_bytes(), rss_stages=rss_stages,
       environment=provenance.environment_manifest())
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "?"
 
 
 def format_train_bench(r: TrainBench) -> str:
@@ -334,6 +353,12 @@ def format_train_bench(r: TrainBench) -> str:
       f"ratio blocked/plain  time per step {r.time_ratio:.3f}x   steps/s {r.steps_per_s_ratio:.3f}x"
       "   (ratio of medians)",
       f"{'':21s}time per step {r.paired_time_ratio:.3f}x   (median of per-round ratios)",
+      *([f"ratio blocked/torch  time per step "
+         f"{time_ratio(r.timings['blocked'], r.timings['torch']):.3f}x   plain/torch "
+         f"{time_ratio(r.timings['plain'], r.timings['torch']):.3f}x   (torch {_version('torch')}, "
+         f"transformers {_version('transformers')}, random init of the same architecture; its "
+         f"loss after the last step {r.final_loss['torch']:.6f})"]
+        if "torch" in r.timings else []),
       f"loss after {r.warmup + steps} steps  blocked {r.final_loss['blocked']:.6f}  "
       f"plain {r.final_loss['plain']:.6f}  (per-step losses: {agree})",
       f"peak RSS         {fmt_bytes(r.peak_rss_bytes)}  (peak after "
