@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from aftune import errors
+from aftune import platform_flags
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml-dtypes", "blake3",
              "ml-collections", "tokenizers", "safetensors")
@@ -104,6 +105,26 @@ def set_intra_op_threads(n: int) -> None:
   os.environ[POOL_ENV] = str(n)
 
 
+def gpu_versions() -> dict[str, Any]:
+  """On a GPU backend: the device's compute capability and the CUDA driver, runtime, cuDNN
+  and cuBLAS versions the plugin reports (each decides kernels, so bits); {} elsewhere."""
+  if jax.default_backend() != "gpu":
+    return {}
+  from jax._src import lib as jax_lib  # pylint: disable=g-import-not-at-top
+
+  out: dict[str, Any] = {"compute_capability": str(getattr(jax.devices()[0],
+                                                           "compute_capability", ""))}
+  versions = getattr(jax_lib, "cuda_versions", None)
+  for name in ("cuda_driver_get_version", "cuda_runtime_get_version", "cudnn_get_version",
+               "cublas_get_version", "cufft_get_version", "cusolver_get_version"):
+    fn = getattr(versions, name, None)
+    try:
+      out[name.replace("_get_version", "")] = fn() if fn is not None else None
+    except Exception:  # noqa: BLE001 - a plugin without that library: recorded as unknown
+      out[name.replace("_get_version", "")] = None
+  return out
+
+
 def environment_manifest() -> dict[str, Any]:
   """The settings a bitwise replay must reproduce (committed in the job spec)."""
   devices = jax.devices()
@@ -116,6 +137,8 @@ def environment_manifest() -> dict[str, Any]:
       "process_count": jax.process_count(),
       "intra_op_threads": intra_op_threads(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "autotune_results": platform_flags.autotune_results(),
+      "gpu": gpu_versions(),
       "prng_impl": str(jax.config.jax_default_prng_impl),
       "threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
       "default_matmul_precision": str(jax.config.jax_default_matmul_precision),

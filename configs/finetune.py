@@ -82,6 +82,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # is committed in the job spec; every replay (provider, verifier) sets the same. 0: as
   # the process starts (PJRT_NPROC, else the visible cores).
   c.platform.intra_op_threads = 0
+  # GPU (aftune/platform_flags.py): deterministic ops, and how autotuning picks kernels:
+  # default | off | dump:PATH (the recording run) | load:PATH (replays; the file is committed).
+  c.platform.gpu_deterministic = False
+  c.platform.gpu_autotune = "default"
 
   if variant == "tiny":
     pass
@@ -119,6 +123,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.learning_rate = 1e-5
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
+    c.platform.gpu_deterministic = True  # meant for a GPU: no atomics (docs/determinism.md)
     c.optim.clip_norm = 0.0
     c.audit.units_per_block = 4
   else:

@@ -24,8 +24,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with errors.exit_on_input_error():  # a wrong config, a workdir of another job, bad data
-    if _CONFIG.value.platform.intra_op_threads:  # before the first JAX call starts the backend
-      provenance.set_intra_op_threads(int(_CONFIG.value.platform.intra_op_threads))
+    train.apply_platform(_CONFIG.value)  # before the first JAX call starts the backend
     logging.info("JAX %s on %s: %s (intra-op pool %d)", jax.__version__, jax.default_backend(),
                  jax.devices(), provenance.intra_op_threads())
     result = train.train(_CONFIG.value, _WORKDIR.value)

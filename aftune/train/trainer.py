@@ -19,6 +19,7 @@ from absl import logging
 
 from aftune import errors
 from aftune import jsonio
+from aftune import platform_flags
 from aftune import provenance
 from aftune.record import recorder as recorder_lib
 from aftune.train import checkpoint as ckpt_lib
@@ -71,6 +72,19 @@ class _Progress:
     return f"{rate:.2f} steps/s, ETA {eta:.0f}s", rate
 
 
+def apply_platform(config: ml_collections.ConfigDict) -> None:
+  """The run sheet's platform settings, applied before JAX starts (or already in effect):
+  the intra-op pool size and the GPU determinism flags (committed in the job spec)."""
+  platform = config.get("platform", {})
+  threads = int(platform.get("intra_op_threads", 0))
+  if threads:
+    provenance.set_intra_op_threads(threads)
+  deterministic = bool(platform.get("gpu_deterministic", False))
+  autotune = str(platform.get("gpu_autotune", "default"))
+  if deterministic or autotune != "default":
+    platform_flags.apply(platform_flags.gpu_flags(deterministic=deterministic, autotune=autotune))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
           stop_after_steps: int | None = None, job: job_lib.Job | None = None,
           tamper: Any = None) -> TrainResult:
@@ -90,9 +104,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     The final state and the losses of the steps this process ran.
   """
   workdir = Path(workdir)
-  threads = int(config.get("platform", {}).get("intra_op_threads", 0))
-  if threads:  # before JAX starts (or the pool it runs with already is this size)
-    provenance.set_intra_op_threads(threads)
+  apply_platform(config)
   workdir.mkdir(parents=True, exist_ok=True)
   _check_or_write_config(workdir, config)
   job = job or job_lib.build_job(config)
