@@ -188,6 +188,17 @@ def tree_paths(tree: PyTree) -> list[tuple[str, ...]]:
   return [hashing.path_components(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def shape_sig(a: Any) -> tuple[str, tuple[int, ...]]:
+  """(dtype name, shape) of an array or ShapeDtypeStruct: one entry of a bundle's tensor schema."""
+  return np.dtype(a.dtype).name, tuple(int(d) for d in a.shape)
+
+
+def tree_shapes(tree: PyTree) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """Canonical path -> shape_sig of every leaf (the names `names.flatten_tree` gives)."""
+  return {hashing.path_str(c): shape_sig(a)
+          for c, a in zip(tree_paths(tree), jax.tree_util.tree_leaves(tree))}
+
+
 @functools.lru_cache(maxsize=8)
 def _block_paths(model_json: str, units_per_block: int) -> tuple:
   """Per layer block: (trainable paths, frozen paths), from shapes alone."""

@@ -219,9 +219,6 @@ def _batch_shapes(inference_id: str, spec_json: str) -> dict[str, Any]:
   cfg = family.config_from_dict(spec["model"])
   size = int(spec["max_total_len"])
   ids, mask = gen_lib.left_pad(spec["prompts"], int(spec["settings"]["pad_id"]))
-  sig = lambda a: (np.dtype(a.dtype).name, tuple(int(d) for d in a.shape))
-  flat = lambda tree: {hashing.path_str(c): sig(a) for c, a in zip(
-      core.tree_paths(tree), jax.tree_util.tree_leaves(tree))}
   n_blocks = grid_lib.num_layer_blocks(len(family.of(cfg).unit_names(cfg)), grid.units_per_block)
   x_p = jax.ShapeDtypeStruct(ids.shape, jnp.int32)
   x_d = jax.ShapeDtypeStruct((ids.shape[0], 1), jnp.int32)
@@ -229,14 +226,14 @@ def _batch_shapes(inference_id: str, spec_json: str) -> dict[str, Any]:
   blocks, prefill, decode = [], [], []
   for j in range(n_blocks):
     block_spec, t_abs, f_abs = grid_lib.abstract_block(cfg, grid.units_per_block, j)
-    blocks.append((flat(t_abs), flat(f_abs)))
+    blocks.append((core.tree_shapes(t_abs), core.tree_shapes(f_abs)))
     x_p, cache = jax.eval_shape(lambda p, f, x, c, b=block_spec: gen_lib.block_prefill(b, p, f, x, c, size),
                                 t_abs, f_abs, x_p, gen_lib.prefill_ctx(mask))
-    prefill.append(sig(x_p))
+    prefill.append(core.shape_sig(x_p))
     if decode_ctx is not None:
       x_d, _ = jax.eval_shape(lambda p, f, x, c, ctx, b=block_spec: gen_lib.block_decode(b, p, f, x, c, ctx),
                               t_abs, f_abs, x_d, cache, decode_ctx)
-      decode.append(sig(x_d))
+      decode.append(core.shape_sig(x_d))
   return {"blocks": blocks, "prefill": prefill, "decode": decode,
           "tokens": ("int32", (int(ids.shape[0]),))}
 

@@ -235,9 +235,6 @@ def _job_shapes(job_id: str, spec_json: str) -> dict[str, Any]:
   grid = trace.Grid.from_dict(spec["grid"])
   cfg = family.config_from_dict(hp["model"])
   opt_cfg = optim.OptimConfig(**hp["optimizer"])
-  sig = lambda a: (np.dtype(a.dtype).name, tuple(int(d) for d in a.shape))
-  flat = lambda tree: {hashing.path_str(c): sig(a) for c, a in zip(
-      core.tree_paths(tree), jax.tree_util.tree_leaves(tree))}
   batch = {key: jax.ShapeDtypeStruct(shape, dt) for key, (dt, shape) in
            order.batch_shapes(int(hp["batch_size"]), int(hp["max_len"])).items()}
   key = job_lib.step_key(int(spec["seed"]), 0)
@@ -247,21 +244,22 @@ def _job_shapes(job_id: str, spec_json: str) -> dict[str, Any]:
   for j in range(n_blocks):
     block_spec, t_abs, f_abs = grid_lib.abstract_block(cfg, grid.units_per_block, j)
     opt_abs = jax.eval_shape(lambda p: optim.init_opt_state(opt_cfg, p), t_abs)
-    blocks.append((flat(t_abs), flat(opt_abs), flat(f_abs)))
+    blocks.append((core.tree_shapes(t_abs), core.tree_shapes(opt_abs), core.tree_shapes(f_abs)))
     y, _ = jax.eval_shape(functools.partial(step_lib.block_forward, block_spec), t_abs, f_abs, x,
                           batch, key)
     partial = jax.eval_shape(functools.partial(step_lib.block_sq_norms, block_spec), t_abs)
-    step[("fwd_out", j)] = step[("bwd_in", j)] = sig(y)  # a cotangent has its output's shape
-    step[("sq_norms", j)] = sig(partial)
+    # A cotangent has its output's shape.
+    step[("fwd_out", j)] = step[("bwd_in", j)] = core.shape_sig(y)
+    step[("sq_norms", j)] = core.shape_sig(partial)
     partials.append(partial)
     x = y
-  step[("loss", -1)] = sig(x)
-  step[("grad_norm", -1)] = sig(jax.eval_shape(step_lib.combine_norms, partials))
+  step[("loss", -1)] = core.shape_sig(x)
+  step[("grad_norm", -1)] = core.shape_sig(jax.eval_shape(step_lib.combine_norms, partials))
   indices = order.example_indices_for_step(int(spec["seed"]), int(spec["num_examples"]),
                                            int(hp["batch_size"]), 0)
-  step[("indices", -1)] = sig(indices)
+  step[("indices", -1)] = core.shape_sig(indices)
   return {"blocks": blocks, "step": step,
-          "batch": {key: sig(v) for key, v in batch.items()}}
+          "batch": {key: core.shape_sig(v) for key, v in batch.items()}}
 
 
 def _check_against_base_model(m, spec, k, frozen, start_params, chk: core.Checks) -> dict:
