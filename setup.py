@@ -26,6 +26,8 @@ setuptools.setup(
         "matplotlib>=3.8",
         "zstandard>=0.22",
         "jsonschema>=4.20",  # the shapes of every document a provider sends (record/schemas.py)
+        "pillow==13.0.0",  # pinned: its resize decides the stored pixels, so the dataset root
+        "pyarrow>=14",  # the Hugging Face parquet image layout (data/images.py)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100"],

@@ -64,7 +64,7 @@ def repeat_digests(config: ml_collections.ConfigDict, repeats: int) -> list[str]
   x_in = batch[family.get(spec.arch).INPUT_KEY]
   out = []
   for _ in range(repeats):
-    y, _, _ = fns.fwd(spec, job.blocked.trainable[0], job.blocked.frozen[0], x_in, batch,
+    y, _, _, _ = fns.fwd(spec, job.blocked.trainable[0], job.blocked.frozen[0], x_in, batch,
                       job.step_key(0))
     out.append(hashing.hexdigest(hashing.hash_array(np.asarray(jax.device_get(y)))))
   return out

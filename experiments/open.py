@@ -4,7 +4,7 @@ r"""Provider: opens the challenged cells of a recorded run (or served batch) int
   python -m experiments.open --workdir W --record W/served/batch_0 --challenge ch.json --out b/
 
 With --record, the cells are (layer block, token step) cells of that served batch of
-the model trained in W.
+the model trained in W (a classified image batch has the one step 0).
 """
 
 from pathlib import Path
@@ -40,7 +40,7 @@ def main(argv):
     if _RECORD.value:
       # Every opening carries what ties the served weights to the training's end state.
       binding = train_provider.Provider(_WORKDIR.value).training_binding()
-      provider = infer_provider.InferenceProvider(
+      provider = infer_provider.provider_for_record(
           _RECORD.value, serving.load_from_training(_WORKDIR.value), training_binding=binding)
     else:
       provider = train_provider.Provider(_WORKDIR.value)

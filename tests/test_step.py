@@ -177,7 +177,7 @@ def test_dropout_depends_on_the_step_key():
   _, blocked, opt_cfg = _setup(dropout=0.5)
   spec, p, f = blocked.specs[1], blocked.trainable[1], blocked.frozen[1]
   x = jnp.ones((B, T, 32))
-  y1, _, _ = step_lib.default_fns().fwd(spec, p, f, x, _batch(), jax.random.key(1))
-  y2, _, _ = step_lib.default_fns().fwd(spec, p, f, x, _batch(), jax.random.key(2))
-  y3, _, _ = step_lib.default_fns().fwd(spec, p, f, x, _batch(), None)
+  y1, _, _, _ = step_lib.default_fns().fwd(spec, p, f, x, _batch(), jax.random.key(1))
+  y2, _, _, _ = step_lib.default_fns().fwd(spec, p, f, x, _batch(), jax.random.key(2))
+  y3, _, _, _ = step_lib.default_fns().fwd(spec, p, f, x, _batch(), None)
   assert not np.array_equal(y1, y2) and not np.array_equal(y1, y3)

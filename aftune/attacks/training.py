@@ -108,6 +108,26 @@ class EditedUnitMidRun(loop.Honest):
 
 
 @dataclasses.dataclass
+class EditedBatchStats(loop.Honest):
+  """After `step`, shifts the BatchNorm running statistics (`mean`, `var` leaves) of one
+  unit: state a training forward never reads, only carries on and serves with."""
+  step: int
+  unit: str
+  shift: float = 0.1
+
+  def after_step(self, step, old_params, old_opt_states, new_params, new_opt_states, trace):
+    if step != self.step:
+      return new_params, new_opt_states, trace
+    new_params = list(new_params)
+    for k, block in enumerate(new_params):
+      if self.unit in block:
+        new_params[k] = {**block, self.unit: jax.tree_util.tree_map_with_path(
+            lambda p, x: x + self.shift if path_of(p).rsplit("/", 1)[-1] in ("mean", "var") else x,
+            block[self.unit])}
+    return new_params, new_opt_states, trace
+
+
+@dataclasses.dataclass
 class DuplicatedStep(loop.Honest):
   """Applies the update of `step` twice (same batch, same key); records the first step's trace."""
   step: int
@@ -158,17 +178,18 @@ class SubstitutedBatch(loop.Honest):
 
 @dataclasses.dataclass
 class PoisonedBatch(loop.Honest):
-  """Trains `step` on the agreed examples with row `row`'s target tokens replaced by
-  `token` (a poisoned example); commits the agreed indices."""
+  """Trains `step` on the agreed examples with row `row`'s `field` (the target tokens; an
+  image's "label") replaced by `token` (a poisoned example); commits the agreed indices."""
   step: int
   row: int = 0
   token: int = 1
+  field: str = "targets"
 
   def batch(self, step, indices, batch, job):
     if step != self.step:
       return indices, batch
     batch = dict(batch)
-    batch["targets"] = batch["targets"].at[self.row].set(self.token)
+    batch[self.field] = batch[self.field].at[self.row].set(self.token)
     return indices, batch
 
 

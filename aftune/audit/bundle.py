@@ -105,7 +105,7 @@ INFERENCE_MANIFEST = {
     "type": "object",
     "required": ["format", "cell", "commitment", "spec", "leaves", "model_digests"],
     "properties": {"format": {"const": INFERENCE_FORMAT}, "cell": _CELL,
-                   "commitment": schemas.INFERENCE_COMMITMENT, "spec": schemas.INFERENCE_SPEC,
+                   "commitment": schemas.INFERENCE_COMMITMENT, "spec": schemas.SERVED_SPEC,
                    "leaves": _LEAVES, "model_digests": DIGESTS, "training": TRAINING_BINDING},
     "additionalProperties": False,
 }

@@ -224,8 +224,12 @@ def load_agreed(path: str | Path) -> dict[str, Any]:
 
 
 def load_request(path: str | Path) -> dict[str, Any]:
-  """The client's request: {"prompts": [[ids]...], "settings": {...}} (schemas.REQUEST)."""
-  return schemas.check(load_json(path), schemas.REQUEST, path, core.AuditInputError)
+  """The client's request: {"prompts": [[ids]...], "settings": {...}} (schemas.REQUEST), or
+  for a classified batch {"images_hash": hex} (schemas.IMAGES_REQUEST)."""
+  doc = load_json(path)
+  if isinstance(doc, dict) and "images_hash" in doc:
+    return schemas.check(doc, schemas.IMAGES_REQUEST, path, core.AuditInputError)
+  return schemas.check(doc, schemas.REQUEST, path, core.AuditInputError)
 
 
 def load_response(path: str | Path) -> dict[str, Any]:

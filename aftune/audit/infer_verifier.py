@@ -67,15 +67,22 @@ def verify_inference_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, 
   Returns:
     The cell's report.
   """
+  m = bundle.manifest
+  if _is_classification(m["spec"]):  # a classified image batch: the one-step record
+    from aftune.audit import classify_verifier  # pylint: disable=g-import-not-at-top
+    return classify_verifier.verify_classification_bundle(
+        bundle, commitment=commitment, expected_model_hash=expected_model_hash,
+        expected_model_config=expected_model_config, expected_request=expected_request,
+        training_commitment=training_commitment, response=response, challenge=challenge,
+        mode=mode, tolerances=tolerances, check_environment=check_environment)
   fns = fns or gen_lib.default_fns()
   grid = trace.InferenceGrid.from_dict(commitment["grid"])
-  m = bundle.manifest
 
   def authenticate(chk: core.Checks) -> None:
     leaves = _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
     _check_promises(m["spec"], expected_model_config, expected_request, chk)
     if training_commitment is not None:
-      _check_training_binding(m, training_commitment, chk)
+      check_training_binding(m, training_commitment, chk)
     if response is not None:
       _check_response(m["spec"], response, leaves, grid, commitment, chk)
     if chk.mode == "exact":
@@ -142,7 +149,12 @@ def _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
   return leaves
 
 
-def _check_training_binding(m, training_commitment, chk) -> None:
+def _is_classification(spec: Any) -> bool:
+  from aftune.infer import classify  # pylint: disable=g-import-not-at-top
+  return isinstance(spec, dict) and spec.get("format") == classify.SPEC_FORMAT
+
+
+def check_training_binding(m, training_commitment, chk) -> None:
   """The served weights are the end state of the promised training's trace."""
   binding = m.get("training")
   chk.require(binding is not None, "model", "the opening does not bind the served model to the "
@@ -188,6 +200,9 @@ def tensor_schema(manifest: dict[str, Any], commitment: dict[str, Any]) -> dict 
   """The exact tensors (name -> dtype, shape) of this inference cell's bundle, derived from
   the committed spec; None for another batch's manifest or a cell outside the grid."""
   spec = manifest["spec"]
+  if _is_classification(spec):
+    from aftune.audit import classify_verifier  # pylint: disable=g-import-not-at-top
+    return classify_verifier.tensor_schema(manifest, commitment)
   if hashing.hash_json(spec).hex() != commitment.get("inference_id"):
     return None
   grid = trace.InferenceGrid.from_dict(commitment["grid"])
@@ -238,14 +253,20 @@ def _batch_shapes(inference_id: str, spec_json: str) -> dict[str, Any]:
           "tokens": ("int32", (int(ids.shape[0]),))}
 
 
+def check_model_config(spec, model_config, chk) -> None:
+  """The served architecture is the promised one (None: not checked)."""
+  if model_config is None:
+    return
+  # Dropout is a training setting; everything else decides the served computation.
+  strip = lambda d: {key: v for key, v in d.items() if key != "dropout_rate"}
+  diff = sorted(key for key in set(spec["model"]) | set(model_config)
+                if strip(spec["model"]).get(key) != strip(model_config).get(key))
+  chk.require(not diff, "model", f"the served architecture differs from the promised one in "
+              f"{diff}", where=diff)
+
+
 def _check_promises(spec, model_config, request, chk) -> None:
-  if model_config is not None:
-    # Dropout is a training setting; everything else decides the served computation.
-    strip = lambda d: {key: v for key, v in d.items() if key != "dropout_rate"}
-    diff = sorted(key for key in set(spec["model"]) | set(model_config)
-                  if strip(spec["model"]).get(key) != strip(model_config).get(key))
-    chk.require(not diff, "model", f"the served architecture differs from the promised one in "
-                f"{diff}", where=diff)
+  check_model_config(spec, model_config, chk)
   if request is not None:
     if "prompts" in request:
       chk.require([list(map(int, p)) for p in request["prompts"]] == spec["prompts"], "spec",

@@ -236,7 +236,7 @@ def _job_shapes(job_id: str, spec_json: str) -> dict[str, Any]:
   cfg = family.config_from_dict(hp["model"])
   opt_cfg = optim.OptimConfig(**hp["optimizer"])
   batch = {key: jax.ShapeDtypeStruct(shape, dt) for key, (dt, shape) in
-           order.batch_shapes(int(hp["batch_size"]), int(hp["max_len"])).items()}
+           family.of(cfg).batch_shapes(cfg, int(hp["batch_size"]), hp).items()}
   key = job_lib.step_key(int(spec["seed"]), 0)
   n_blocks = grid_lib.num_layer_blocks(len(family.of(cfg).unit_names(cfg)), grid.units_per_block)
   x = batch[family.of(cfg).INPUT_KEY]
@@ -276,8 +276,8 @@ def _check_against_base_model(m, spec, k, frozen, start_params, chk: core.Checks
   return digests
 
 
-def _batch(T, t: int) -> dict[str, np.ndarray | None]:
-  return {key: T.get(names.batch_field(t, key)) for key in order.BATCH_KEYS}
+def _batch(T, t: int, arch: str) -> dict[str, np.ndarray | None]:
+  return {key: T.get(names.batch_field(t, key)) for key in family.get(arch).BATCH_KEYS}
 
 
 def _check_data(bundle, spec, grid, steps, committed, chk: core.Checks) -> None:
@@ -290,7 +290,7 @@ def _check_data(bundle, spec, grid, steps, committed, chk: core.Checks) -> None:
     chk.require(got_idx is not None and np.array_equal(got_idx, want_idx), "data",
                 f"step {t}: the committed batch indices are not the agreed batch order "
                 "(seed, dataset size, step)", t)
-    batch = _batch(bundle.tensors, t)
+    batch = _batch(bundle.tensors, t, spec["hyperparameters"]["model"]["arch"])
     chk.require(all(v is not None for v in batch.values()), "opening", f"step {t}: batch missing", t)
     proofs = bundle.manifest["example_proofs"].get(str(t), [])
     chk.require(len(proofs) == len(want_idx), "opening", f"step {t}: example proofs missing", t)
@@ -314,7 +314,7 @@ def _block_input(T, block_spec, k: int, t: int, batch) -> jax.Array:
 def _check_programs(block_spec, opt_cfg, params, frozen, opt_state, bundle, spec, k, t0, grid,
                     chk: core.Checks, fns: step_lib.BlockFns) -> None:
   T = bundle.tensors
-  batch = {key: jnp.asarray(v) for key, v in _batch(T, t0).items()}
+  batch = {key: jnp.asarray(v) for key, v in _batch(T, t0, block_spec.arch).items()}
   x_in = _block_input(T, block_spec, k, t0, batch)
   hashes, _, _ = jobspec.block_fingerprint(block_spec, opt_cfg, params, frozen, opt_state, x_in,
                                            batch, job_lib.step_key(int(spec["seed"]), t0), fns=fns)
@@ -333,7 +333,7 @@ def _replay(block_spec, opt_cfg, params, opt_state, frozen, bundle, grid, k, ste
   T = bundle.tensors
   last = k == grid.num_layer_blocks - 1
   for t in steps:
-    batch = {key: jnp.asarray(v) for key, v in _batch(T, t).items()}
+    batch = {key: jnp.asarray(v) for key, v in _batch(T, t, block_spec.arch).items()}
     x_in = _block_input(T, block_spec, k, t, batch)
     ct_above = None if last else jnp.asarray(T[names.step_tensor(t, "bwd_in", k)])
     replayed = {}

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from aftune import provenance
+from aftune.model import family
 from aftune.train import job as job_lib
 from aftune.train import step as step_lib
 
@@ -200,8 +201,8 @@ class TrainBench:
   num_trainable: int
   num_blocks: int
   batch_size: int
-  seq_len: int
-  real_tokens_per_step: float  # mean non-padding tokens of the timed batches
+  seq_len: int  # 1 for images
+  real_tokens_per_step: float  # mean non-padding tokens (images) of the timed batches
   warmup: int
   round_steps: int
   timings: dict[str, Timing]  # "blocked", "plain"
@@ -211,6 +212,7 @@ class TrainBench:
   peak_rss_bytes: int
   rss_stages: dict[str, int]  # peak RSS after: job built, each variant's warmup
   environment: dict[str, Any]
+  item: str = "tokens"  # what tokens_per_step counts: "tokens" | "images"
 
   @property
   def tokens_per_step(self) -> int:
@@ -305,11 +307,15 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: i
   params0 = job.blocked.trainable
   n_trainable = sum(job_lib.count_params(p) for p in params0)
   n_frozen = sum(job_lib.count_params(f) for f in frozen)
-  real = [float(np.asarray(b["attn_mask"]).sum()) for b in batches[warmup:]]
+  x0 = batches[0][family.of(job.model_cfg).INPUT_KEY]
+  text = "attn_mask" in batches[0]  # images: one item per example
+  real = [float(np.asarray(b["attn_mask"]).sum()) if text else float(x0.shape[0])
+          for b in batches[warmup:]]
   return TrainBench(
       config_name=config_name, num_params=n_trainable + n_frozen,
       num_trainable=n_trainable, num_blocks=job.blocked.num_blocks,
-      batch_size=int(batches[0]["tokens"].shape[0]), seq_len=int(batches[0]["tokens"].shape[1]),
+      batch_size=int(x0.shape[0]), seq_len=int(x0.shape[1]) if text else 1,
+      item="tokens" if text else "images",
       real_tokens_per_step=float(np.mean(real)), warmup=warmup, round_steps=round_steps,
       timings=timings, final_loss={"blocked": float(loss_b[-1]), "plain": float(loss_p[-1]),
                                    **({"torch": torch_losses[-1]} if torch_losses else {})},
@@ -334,7 +340,7 @@ def format_train_bench(r: TrainBench) -> str:
            f"{t.min_s:.4f}", f"{t.max_s:.4f}", f"{t.steps_per_s:.3f}",
            f"{r.tokens_per_step * t.steps_per_s:,.0f}"] for name, t in r.timings.items()]
   table = format_table(["variant", "median s/step", "IQR s", "IQR/med", "min s", "max s",
-                        "steps/s", "tokens/s"], rows)
+                        "steps/s", f"{r.item}/s"], rows)
   agree = ("bitwise equal" if r.losses_bitwise_equal else f"max |diff| {r.max_abs_loss_diff:.3g}")
   return "\n".join([
       f"config           {r.config_name or '(unnamed)'}",
@@ -343,8 +349,9 @@ def format_train_bench(r: TrainBench) -> str:
       f"jax {env['packages']['jax']}",
       f"model            {r.num_params:,} parameters ({r.num_params / 1e6:.1f}M), "
       f"{r.num_trainable:,} trainable, {r.num_blocks} layer blocks",
-      f"batch x seq len  {r.batch_size} x {r.seq_len} = {r.tokens_per_step:,} tokens/step "
-      f"({r.real_tokens_per_step:,.0f} non-padding)",
+      (f"batch x seq len  {r.batch_size} x {r.seq_len} = {r.tokens_per_step:,} tokens/step "
+       f"({r.real_tokens_per_step:,.0f} non-padding)" if r.item == "tokens" else
+       f"batch            {r.batch_size} images/step"),
       f"timing           {steps} steps per variant after {r.warmup} warmup, interleaved in rounds "
       f"of {r.round_steps}",
       "",

@@ -110,17 +110,19 @@ def example_indices_for_step(
 
 
 def make_batch(encoded: Mapping[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
-  """Gathers a batch from encode_dataset's arrays.
+  """Gathers a batch from a dataset's arrays (every field, rows `indices`).
 
   Args:
-    encoded: encode_dataset output ([N, T] arrays).
+    encoded: encode_dataset output ([N, T] arrays), or an image dataset's
+      {"image": uint8 [N, S, S, 3], "label": int32 [N]}.
     indices: int [B] example indices.
 
   Returns:
-    {"tokens", "targets", "loss_mask", "attn_mask"}, each [B, T].
+    Text: {"tokens", "targets", "loss_mask", "attn_mask"}, each [B, T]; images:
+    {"image": [B, S, S, 3], "label": [B]}.
   """
   idx_B = np.asarray(indices, dtype=np.int64)
-  return {k: encoded[k][idx_B] for k in BATCH_KEYS}
+  return {k: v[idx_B] for k, v in encoded.items()}
 
 
 def num_epochs_for_steps(num_examples: int, batch_size: int, num_steps: int) -> float:

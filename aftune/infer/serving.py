@@ -62,6 +62,7 @@ class ServedModel:
   source: dict[str, Any]  # {"job_id": ..., "final_model_hash": ...} or {"declared": ...}
   tokenizer: Any = None
   template: Any = None
+  class_names: tuple[str, ...] = ()  # image models: label i is class_names[i]
 
 
 def load_from_training(workdir: str | Path, *, units_per_block: int | None = None) -> ServedModel:
@@ -84,7 +85,7 @@ def load_from_training(workdir: str | Path, *, units_per_block: int | None = Non
                      f"final model is {commitment['final_model_hash'][:16]}…")
   return ServedModel(blocked, job.model_cfg, h, {"job_id": commitment["job_id"],
                                                  "final_model_hash": commitment["final_model_hash"]},
-                     job.tokenizer, job.template)
+                     job.tokenizer, job.template, job.class_names)
 
 
 def block_program_fingerprint(spec: grid_lib.BlockSpec, params: PyTree, frozen: PyTree,

@@ -11,9 +11,14 @@ into layer blocks of B_L consecutive units.
 
   NAME: str                                 the family's name
   ARCHS: tuple[str, ...]                    the `arch` values of its configs
+  MODALITY: str                             "text" (a tokenized dataset) | "image"
   INPUT_KEY: str                            the batch field the first unit reads
+  BATCH_KEYS: tuple[str, ...]               the fields of a training batch
+  batch_shapes(cfg, batch_size, hp) -> {field: (dtype, shape)}   a batch, from the job
+                                            spec's hyperparameters (the verifier's schema)
   config_from_dict(d) -> cfg                inverse of `cfg.to_dict()` (cfg is hashable)
   config_from_sheet(sheet, vocab_size) -> cfg    a random-init model from a run sheet
+                                            (vocab_size: text families only)
   load_pretrained(path, sheet) -> (cfg, units)   a local checkpoint (Hugging Face layout)
   unit_names(cfg) -> tuple[str, ...]        the units, in model order
   build_units(cfg, seed) -> {name: Module}  initialised units, in order
@@ -25,6 +30,14 @@ into layer blocks of B_L consecutive units.
   prefill_unit(name, unit, x, ctx, max_len) -> (x, cache | None)   generation step 0
   decode_unit(name, unit, x, ctx, cache) -> (x, cache | None)      generation steps >= 1
   merge_lora(units) -> units                adapters folded into the weights (serving)
+
+Optional:
+  TRAIN_STATE: nnx filter                   non-parameter state a training forward updates
+                                            (BatchNorm statistics; `train/step.py`)
+  inference_context() -> ctx                the context of inference (image families)
+
+The vision families (`vit.py`, `resnet.py`) share `vision.py`: their batch holds the
+stored images and labels, and the first unit crops, flips and normalises in-graph.
 """
 
 from __future__ import annotations
@@ -40,6 +53,9 @@ _FAMILIES = {
     "llama": "aftune.model.llama",
     "qwen2": "aftune.model.llama",
     "qwen3": "aftune.model.llama",
+    "vit": "aftune.model.vit",
+    "dinov2": "aftune.model.vit",
+    "resnet": "aftune.model.resnet",
 }
 
 

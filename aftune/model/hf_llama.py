@@ -90,7 +90,7 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
   return data
 
 
-def _get_int(hf: Mapping[str, Any], key: str, source, default: Any = ..., minimum: int = 1) -> int:
+def get_int(hf: Mapping[str, Any], key: str, source, default: Any = ..., minimum: int = 1) -> int:
   if key not in hf or hf[key] is None:
     if default is ...:
       raise _fail(source, f"missing required key {key!r}")
@@ -101,7 +101,7 @@ def _get_int(hf: Mapping[str, Any], key: str, source, default: Any = ..., minimu
   return v
 
 
-def _get_float(d: Mapping[str, Any], key: str, source, default: Any = ..., where: str = "") -> float:
+def get_float(d: Mapping[str, Any], key: str, source, default: Any = ..., where: str = "") -> float:
   if key not in d or d[key] is None:
     if default is ...:
       raise _fail(source, f"missing required key {where}{key!r}")
@@ -112,7 +112,7 @@ def _get_float(d: Mapping[str, Any], key: str, source, default: Any = ..., where
   return float(v)
 
 
-def _get_bool(hf: Mapping[str, Any], key: str, source, default: bool) -> bool:
+def get_bool(hf: Mapping[str, Any], key: str, source, default: bool) -> bool:
   v = hf.get(key, default)
   if v is None:
     return default
@@ -133,7 +133,7 @@ def _rope_from_hf(hf: Mapping[str, Any], source) -> tuple[float, RopeScaling | N
     raise _fail(source, f"{key!r} must be an object, found {rp!r}")
   if rp and all(isinstance(v, dict) for v in rp.values()):
     raise _fail(source, f"per-layer-type {key!r} ({sorted(rp)}) are not supported")
-  theta = _get_float(rp, "rope_theta", source, default=_get_float(hf, "rope_theta", source, 10000.0),
+  theta = get_float(rp, "rope_theta", source, default=get_float(hf, "rope_theta", source, 10000.0),
                      where=f"{key}.")
   if theta <= 0:
     raise _fail(source, f"rope_theta must be > 0, found {theta}")
@@ -147,9 +147,9 @@ def _rope_from_hf(hf: Mapping[str, Any], source) -> tuple[float, RopeScaling | N
     raise _fail(source, f"unsupported {key}.rope_type {rope_type!r}; supported: "
                 f"{list(SUPPORTED_ROPE_TYPES)}")
   w = f"{key}."
-  factor = _get_float(rp, "factor", source, where=w)
-  low = _get_float(rp, "low_freq_factor", source, where=w)
-  high = _get_float(rp, "high_freq_factor", source, where=w)
+  factor = get_float(rp, "factor", source, where=w)
+  low = get_float(rp, "low_freq_factor", source, where=w)
+  high = get_float(rp, "high_freq_factor", source, where=w)
   # transformers (5.x) lets a top-level original_max_position_embeddings override the one in
   # the dict, and falls back to max_position_embeddings: refuse the ambiguous case.
   top = hf.get("original_max_position_embeddings")
@@ -195,35 +195,35 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str | os.PathLike = CONFIG_
   act = hf.get("hidden_act", "silu")
   if act != "silu":
     raise _fail(source, f"hidden_act {act!r} is not supported (only 'silu')")
-  vocab = _get_int(hf, "vocab_size", source)
-  hidden = _get_int(hf, "hidden_size", source)
-  inter = _get_int(hf, "intermediate_size", source)
-  layers = _get_int(hf, "num_hidden_layers", source)
-  heads = _get_int(hf, "num_attention_heads", source)
-  kv_heads = _get_int(hf, "num_key_value_heads", source, default=heads)
+  vocab = get_int(hf, "vocab_size", source)
+  hidden = get_int(hf, "hidden_size", source)
+  inter = get_int(hf, "intermediate_size", source)
+  layers = get_int(hf, "num_hidden_layers", source)
+  heads = get_int(hf, "num_attention_heads", source)
+  kv_heads = get_int(hf, "num_key_value_heads", source, default=heads)
   if heads % kv_heads:
     raise _fail(source, f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
   # Qwen3's config class defaults head_dim to 128; the others to hidden_size // heads.
   if arch == "qwen3":
-    head_dim = _get_int(hf, "head_dim", source, default=128)
+    head_dim = get_int(hf, "head_dim", source, default=128)
   else:
     if hf.get("head_dim") is None and hidden % heads:
       raise _fail(source, f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
-    head_dim = _get_int(hf, "head_dim", source, default=hidden // heads)
+    head_dim = get_int(hf, "head_dim", source, default=hidden // heads)
   if head_dim % 2:
     raise _fail(source, f"head_dim={head_dim} must be even for rotary embeddings")
   if arch in ("qwen2", "qwen3"):
     layer_types = hf.get("layer_types") or []
     sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
-    if _get_bool(hf, "use_sliding_window", source, False) and not layer_types:
-      mwl = _get_int(hf, "max_window_layers", source, default=28, minimum=0)
+    if get_bool(hf, "use_sliding_window", source, False) and not layer_types:
+      mwl = get_int(hf, "max_window_layers", source, default=28, minimum=0)
       sliding = list(range(mwl, layers))
     if sliding:
       raise _fail(source, f"sliding-window attention (layers {sliding}) is not supported")
   theta, scaling = _rope_from_hf(hf, source)
-  attention_bias = _get_bool(hf, "attention_bias", source, False)
+  attention_bias = get_bool(hf, "attention_bias", source, False)
   if arch == "llama":
-    qkv_bias, o_bias, mlp_bias = attention_bias, attention_bias, _get_bool(hf, "mlp_bias", source, False)
+    qkv_bias, o_bias, mlp_bias = attention_bias, attention_bias, get_bool(hf, "mlp_bias", source, False)
   elif arch == "qwen2":  # Qwen2 always has q/k/v biases and none on o_proj or the MLP.
     qkv_bias, o_bias, mlp_bias = True, False, False
   else:  # qwen3
@@ -242,9 +242,9 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str | os.PathLike = CONFIG_
       num_heads=heads, num_kv_heads=kv_heads,
       head_dim=None if head_dim * heads == hidden else head_dim,
       arch=arch,
-      rms_norm_eps=_get_float(hf, "rms_norm_eps", source, 1e-6),
+      rms_norm_eps=get_float(hf, "rms_norm_eps", source, 1e-6),
       rope_theta=theta, rope_scaling=scaling,
-      tie_embeddings=_get_bool(hf, "tie_word_embeddings", source, False),
+      tie_embeddings=get_bool(hf, "tie_word_embeddings", source, False),
       qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, qk_norm=arch == "qwen3",
       dtype=dtype, param_dtype="float32", dropout_rate=float(dropout_rate), lora=lora)
 
@@ -306,7 +306,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 # safetensors files.
 
 
-def _resolve_weight_files(root: Path) -> tuple[Path | None, dict[Path, list[str] | None]]:
+def resolve_weight_files(root: Path) -> tuple[Path | None, dict[Path, list[str] | None]]:
   """(index file or None, shard file -> tensor names the index assigns it (None: single file))."""
   single = root / WEIGHTS_NAME
   if single.is_file():
@@ -344,7 +344,7 @@ class _TensorSource:
   """The checkpoint's tensors across one or more safetensors files, read lazily."""
 
   def __init__(self, root: Path, stack: contextlib.ExitStack):
-    self.index, files = _resolve_weight_files(root)
+    self.index, files = resolve_weight_files(root)
     self.handles: dict[Path, Any] = {}
     self.where: dict[str, Path] = {}
     self.shapes: dict[str, tuple[int, ...]] = {}

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from aftune.data import order
+
 Array = jax.Array
 
 
@@ -432,7 +434,15 @@ def masked_cross_entropy(logits_BxTxV: Array, targets_BxT: Array, loss_mask_BxT:
 
 NAME = "llama"
 ARCHS = ("llama", "qwen2", "qwen3")
+MODALITY = "text"
 INPUT_KEY = "tokens"  # block 0 reads token ids [B,T]
+BATCH_KEYS = order.BATCH_KEYS
+
+
+def batch_shapes(cfg: ModelConfig, batch_size: int, hp: Mapping[str, Any]) -> dict[str, Any]:
+  """field -> (dtype, [B, T]) of a training batch (T: the job spec's max_len)."""
+  del cfg
+  return order.batch_shapes(batch_size, int(hp["max_len"]))
 
 
 def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:

@@ -61,7 +61,7 @@ def example_leaf(i: int, encoded: dict[str, np.ndarray]) -> bytes:
 
 
 def dataset_root(encoded: dict[str, np.ndarray]) -> bytes:
-  n = int(encoded["tokens"].shape[0])
+  n = int(next(iter(encoded.values())).shape[0])
   tree = merkle.StreamingMerkle()
   for i in range(n):
     tree.append(example_leaf(i, encoded))
@@ -96,13 +96,13 @@ def block_fingerprint(spec: grid_lib.BlockSpec, opt_cfg: optim.OptimConfig, para
                                                            key))
   out = {f"block_fwd/{spec.index}": fns.fwd.lower(spec, params, frozen, x_in, batch,
                                                   key).as_text()}
-  y, vjp, _ = jax.eval_shape(fns.fwd, spec, params, frozen, x_in, batch, key)
+  y, vjp, _, updates = jax.eval_shape(fns.fwd, spec, params, frozen, x_in, batch, key)
   g, _ = jax.eval_shape(fns.bwd, vjp, y)
   out[f"block_bwd/{spec.index}"] = fns.bwd.lower(vjp, y).as_text()
   out[f"block_sq_norms/{spec.index}"] = fns.sq_norms.lower(spec, g).as_text()
   norm = jax.ShapeDtypeStruct((), np.float32)
   out[f"block_update/{spec.index}"] = fns.update.lower(opt_cfg, params, opt_state, g,
-                                                       norm).as_text()
+                                                       norm, updates).as_text()
   return ({k: _program_hash(v) for k, v in out.items()}, y,
           jax.eval_shape(fns.sq_norms, spec, g))
 
@@ -129,17 +129,20 @@ def program_fingerprint(job: job_lib.Job, *, fns: step_lib.BlockFns | None = Non
 
 
 def hyperparameters(job: job_lib.Job) -> dict[str, Any]:
+  """Text jobs add max_len and the chat template; an image job's preprocessing and
+  augmentation are in its model config (`model.image`)."""
   c = job.config
-  return json.loads(json.dumps({
+  hp = {
       "model": job.model_cfg.to_dict(),
       "optimizer": job.opt_cfg.to_dict(),
       "batch_size": int(c.batch_size),
-      "max_len": int(c.data.max_len),
       "num_steps": job.num_steps,
-      "template": job.template.name,
       "num_samples": int(c.data.num_samples),
       "step_impl": c.step_impl,
-  }))  # tuples -> lists: canonical JSON has no tuples
+  }
+  if job.template is not None:
+    hp.update(max_len=int(c.data.max_len), template=job.template.name)
+  return json.loads(json.dumps(hp))  # tuples -> lists: canonical JSON has no tuples
 
 
 def make_grid(job: job_lib.Job) -> trace.Grid:
@@ -160,11 +163,11 @@ def build_job_spec(job: job_lib.Job) -> dict[str, Any]:
   Returns:
     A JSON-able dict: model, tokenizer, data, hyperparameters, seed, grid, programs, env.
   """
-  tok_path = job.tokenizer.path
   return {
       "format": FORMAT,
       "base_model_hash": hashing.hexdigest(model_hash(job.blocked)),
-      "tokenizer_hash": hashing.hexdigest(file_hash(tok_path)),
+      "tokenizer_hash": (hashing.hexdigest(file_hash(job.tokenizer.path))
+                         if job.tokenizer is not None else None),
       "dataset_root": hashing.hexdigest(dataset_root(job.encoded)),
       "num_examples": job.num_examples,
       "hyperparameters": hyperparameters(job),

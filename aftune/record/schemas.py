@@ -107,8 +107,7 @@ JOB_SPEC = {
         "program_fingerprint": {"type": "object", "additionalProperties": {"type": "string"}},
         "environment": _OBJECT,
         "hyperparameters": {
-            "type": "object", "required": ["batch_size", "max_len", "num_steps", "model",
-                                           "optimizer"],
+            "type": "object", "required": ["batch_size", "num_steps", "model", "optimizer"],
             "properties": {"batch_size": POSITIVE, "max_len": POSITIVE, "num_steps": POSITIVE,
                            "model": {"type": "object", "required": ["arch"]},
                            "optimizer": _OBJECT},
@@ -153,12 +152,35 @@ INFERENCE_SPEC = {
     },
     "additionalProperties": False,
 }
+# A classified image batch (infer/classify.py): the one-step inference record.
+CLASSIFY_SPEC = {
+    "type": "object",
+    "required": ["format", "model_hash", "source", "model", "grid", "images_hash", "images_shape",
+                 "program_fingerprint", "environment"],
+    "properties": {
+        "format": {"const": "aftune-classify/v1"}, "model_hash": HEX32, "source": _SOURCE,
+        "model": {"type": "object", "required": ["arch"]}, "grid": INFERENCE_GRID,
+        "images_hash": HEX32,
+        "images_shape": {"type": "array", "minItems": 4, "maxItems": 4,
+                         "items": {"type": "integer", "minimum": 1, "maximum": 1 << 20}},
+        "program_fingerprint": {"type": "object", "additionalProperties": {"type": "string"}},
+        "environment": _OBJECT,
+    },
+    "additionalProperties": False,
+}
+SERVED_SPEC = {"oneOf": [INFERENCE_SPEC, CLASSIFY_SPEC]}
 RESPONSE_FORMAT = "aftune-response/v1"
 RESPONSE = {  # what a client keeps of a served batch (`serving.serve` writes it)
     "type": "object",
     "required": ["format", "inference_id", "merkle_root", "tokens"],
     "properties": {"format": {"const": RESPONSE_FORMAT}, "inference_id": HEX32,
                    "merkle_root": HEX32, "tokens": TOKEN_ROWS},
+    "additionalProperties": False,
+}
+IMAGES_REQUEST = {  # what a client sent to be classified: its images, by hash
+    "type": "object",
+    "required": ["images_hash"],
+    "properties": {"images_hash": HEX32, "images_shape": CLASSIFY_SPEC["properties"]["images_shape"]},
     "additionalProperties": False,
 }
 REQUEST = {  # what a client sent: the prompts and the settings it asked for

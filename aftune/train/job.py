@@ -35,15 +35,16 @@ class Job:
   model_cfg: Any  # the model family's config (hashable)
   opt_cfg: optim.OptimConfig
   blocked: grid.BlockedParams  # initial (base) parameters, cut into layer blocks
-  encoded: dict[str, np.ndarray]  # the tokenized dataset, [N, T] arrays
-  tokenizer: tokenizer_lib.TextTokenizer
-  template: chat.ChatTemplate
+  encoded: dict[str, np.ndarray]  # the dataset as fed to the model: [N, ...] arrays per field
+  tokenizer: tokenizer_lib.TextTokenizer | None  # text jobs
+  template: chat.ChatTemplate | None  # text jobs
   num_steps: int
   root_key: jax.Array
+  class_names: tuple[str, ...] = ()  # image jobs: label i is class_names[i]
 
   @property
   def num_examples(self) -> int:
-    return int(self.encoded["tokens"].shape[0])
+    return int(next(iter(self.encoded.values())).shape[0])
 
   @property
   def steps_per_block(self) -> int:
@@ -78,20 +79,31 @@ def _optim_config(config: ml_collections.ConfigDict, num_steps: int) -> optim.Op
       total_steps=num_steps, end_lr_fraction=float(o.end_lr_fraction), clip_norm=float(o.clip_norm))
 
 
+def _num_steps(config: ml_collections.ConfigDict, n: int) -> int:
+  if config.num_steps:
+    return int(config.num_steps)
+  if config.num_epochs:
+    return int(config.num_epochs * order.steps_per_epoch(n, config.batch_size))
+  raise errors.ConfigError("set num_steps or num_epochs")
+
+
 def build_job(config: ml_collections.ConfigDict) -> Job:
-  """Loads model, tokenizer and data and derives everything the run depends on.
+  """Loads model, data (and tokenizer) and derives everything the run depends on.
 
   Args:
-    config: a `configs/finetune.py` config.
+    config: a `configs/finetune.py` (text) or `configs/vision.py` (images) config.
 
   Returns:
     The Job, with the base parameters cut into layer blocks of B_L units.
   """
-  hf_path = config.model.hf_path
   if config.model.dtype not in ("float32", "bfloat16"):
     raise errors.ConfigError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
   if config.step_impl not in ("blocked", "plain"):
     raise errors.ConfigError(f"step_impl must be blocked or plain, got {config.step_impl!r}")
+  fam = family.get(config.model.arch)
+  if fam.MODALITY == "image":
+    return _build_image_job(config, fam)
+  hf_path = config.model.hf_path
   tok_path = config.data.tokenizer_path or (Path(hf_path) / "tokenizer.json" if hf_path else "")
   if not tok_path:
     raise errors.ConfigError("data.tokenizer_path is empty and there is no model.hf_path to take "
@@ -106,15 +118,7 @@ def build_job(config: ml_collections.ConfigDict) -> Job:
                                f"{config.data.train_path} holds {len(records)} records")
     records = records[:config.data.num_samples]
   encoded = encoding.encode_dataset(records, tokenizer, template, config.data.max_len)
-  n = int(encoded["tokens"].shape[0])
-  if config.num_steps:
-    num_steps = int(config.num_steps)
-  elif config.num_epochs:
-    num_steps = int(config.num_epochs * order.steps_per_epoch(n, config.batch_size))
-  else:
-    raise errors.ConfigError("set num_steps or num_epochs")
-
-  fam = family.get(config.model.arch)
+  num_steps = _num_steps(config, int(encoded["tokens"].shape[0]))
   if hf_path:
     model_cfg, units = fam.load_pretrained(hf_path, config)
     if model_cfg.vocab_size < tokenizer.vocab_size:
@@ -130,6 +134,31 @@ def build_job(config: ml_collections.ConfigDict) -> Job:
   return Job(config=config, model_cfg=model_cfg, opt_cfg=opt_cfg, blocked=blocked, encoded=encoded,
              tokenizer=tokenizer, template=template, num_steps=num_steps,
              root_key=jax.random.key(config.seed))
+
+
+def _build_image_job(config: ml_collections.ConfigDict, fam: Any) -> Job:
+  """An image-classification job: the model (its config fixes the preprocessing), then the
+  images prepared as that config says (`data/images.py`)."""
+  from aftune.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  if config.model.hf_path:
+    model_cfg, units = fam.load_pretrained(config.model.hf_path, config)
+  else:
+    model_cfg = fam.config_from_sheet(config)
+    units = None
+  data = images_lib.load_image_dataset(config.data.train_path, model_cfg.image.preprocess,
+                                       num_classes=model_cfg.num_classes,
+                                       num_samples=int(config.data.num_samples))
+  encoded = {"image": data.images, "label": data.labels}
+  num_steps = _num_steps(config, int(data.labels.shape[0]))
+  if units is None:
+    units = fam.build_units(model_cfg, config.seed)
+  blocked = grid.split_into_blocks(model_cfg, units, int(config.audit.units_per_block))
+  opt_cfg = _optim_config(config, num_steps)
+  optim.make_optimizer(opt_cfg)
+  optim.make_schedule(opt_cfg)
+  return Job(config=config, model_cfg=model_cfg, opt_cfg=opt_cfg, blocked=blocked, encoded=encoded,
+             tokenizer=None, template=None, num_steps=num_steps,
+             root_key=jax.random.key(config.seed), class_names=data.class_names)
 
 
 def count_params(tree: PyTree) -> int:

@@ -2,11 +2,15 @@
 
 One optimizer step of the blocked model is
 
-  forward:  x_{k+1}, vjp_k = fwd(spec_k, params_k, frozen_k, x_k, batch, key)
+  forward:  x_{k+1}, vjp_k, inner_k, state_k = fwd(spec_k, params_k, frozen_k, x_k, batch, key)
             (x_0 is the batch's input field; the last block returns the loss)
   backward: grads_k, ct_k = bwd(vjp_k, ct_{k+1})   (ct_K = 1.0, the loss's cotangent)
   norm:     partials_k = sq_norms(spec_k, grads_k); g = combine(partials_0..K-1)
-  update:   params_k, opt_k = update(opt_cfg, params_k, opt_k, grads_k, g)
+  update:   params_k, opt_k = update(opt_cfg, params_k, opt_k, grads_k, g, state_k)
+
+`state_k` is the non-parameter state a training forward updates (a family's
+`TRAIN_STATE`, e.g. BatchNorm running statistics), kept in the block's parameter tree:
+the update writes it over the optimizer's result. It is {} for families without one.
 
 The pure functions are defined here; `BlockFns` jits them once, and that one object is
 what training, the provider's regeneration, every dishonest provider, the verifier's
@@ -48,40 +52,61 @@ Batch = Mapping[str, jax.Array]  # the family's batch fields, e.g. tokens, targe
 
 
 def block_forward(spec: blocks.BlockSpec, params: PyTree, frozen: PyTree, x_in: jax.Array,
-                  batch: Batch, step_key: jax.Array | None) -> tuple[jax.Array, list[jax.Array]]:
+                  batch: Batch, step_key: jax.Array | None
+                  ) -> tuple[jax.Array, tuple[list[jax.Array], PyTree]]:
   """Pure forward of one layer block.
 
   Returns:
-    (its output boundary: the loss for the last block; the outputs of its inner units,
+    (its output boundary: the loss for the last block; (the outputs of its inner units,
     i.e. of every unit but the last, which the recorder commits so that a failing
-    replay can be located to the unit).
+    replay can be located to the unit; the updated training state, unit name -> pure
+    dict of the family's `TRAIN_STATE` variables, {} without any)).
   """
   fam = family.get(spec.arch)
+  state_type = getattr(fam, "TRAIN_STATE", None)
   ctx = fam.context(batch)
   x = x_in
-  inner = []
+  inner, updates = [], {}
   for name, unit_index, graphdef in zip(spec.unit_names, spec.unit_indices, spec.graphdefs):
     if name != spec.unit_names[0]:
       inner.append(x)
     unit = nnx.merge(graphdef, params[name], frozen[name])
-    # Dropout keys depend on (step, unit), never on how units are grouped into blocks.
+    # Dropout and augmentation keys depend on (step, unit), never on how units are
+    # grouped into blocks.
     unit_key = None if step_key is None else jax.random.fold_in(step_key, unit_index)
     x = unit(x, {**ctx, "key": unit_key})
+    if state_type is not None:
+      new_state = nnx.to_pure_dict(nnx.state(unit, state_type))
+      if new_state:
+        updates[name] = new_state
   if spec.is_last:
     x = fam.loss(x, batch)
-  return x, inner
+  return x, (inner, updates)
+
+
+def with_state(params: PyTree, updates: PyTree) -> PyTree:
+  """`params` with the leaves `updates` names replaced (nested dicts of the same paths)."""
+  if not isinstance(updates, dict):
+    return updates
+  if not updates:
+    return params
+  out = dict(params)
+  for k, v in updates.items():
+    out[k] = with_state(params[k], v)
+  return out
 
 
 def block_fwd(spec: blocks.BlockSpec, params: PyTree, frozen: PyTree, x_in: jax.Array, batch: Batch,
               step_key: jax.Array | None):
-  """Forward of one block: (output boundary, VJP closure over its residuals, inner unit outputs)."""
+  """Forward of one block: (output boundary, VJP closure over its residuals, inner unit outputs,
+  updated training state)."""
   if spec.is_first:  # the model's input (token ids, images) gets no cotangent
-    y, vjp, inner = jax.vjp(lambda p: block_forward(spec, p, frozen, x_in, batch, step_key), params,
-                            has_aux=True)
+    y, vjp, (inner, updates) = jax.vjp(
+        lambda p: block_forward(spec, p, frozen, x_in, batch, step_key), params, has_aux=True)
   else:
-    y, vjp, inner = jax.vjp(lambda p, x: block_forward(spec, p, frozen, x, batch, step_key), params,
-                            x_in, has_aux=True)
-  return y, vjp, inner
+    y, vjp, (inner, updates) = jax.vjp(
+        lambda p, x: block_forward(spec, p, frozen, x, batch, step_key), params, x_in, has_aux=True)
+  return y, vjp, inner, updates
 
 
 def block_bwd(vjp: Any, ct_out: jax.Array) -> tuple[PyTree, jax.Array | None]:
@@ -99,8 +124,11 @@ def combine_norms(partials: Sequence[jax.Array]) -> jax.Array:
 
 
 def block_update(opt_cfg: optim.OptimConfig, params: PyTree, opt_state: PyTree, grads: PyTree,
-                 g_norm: jax.Array) -> tuple[PyTree, PyTree]:
-  return optim.apply_update(opt_cfg, params, opt_state, grads, g_norm)
+                 g_norm: jax.Array, updates: PyTree) -> tuple[PyTree, PyTree]:
+  """The optimizer step, then the forward's training state written over its leaves (their
+  gradients are zero; what the optimizer did to them, e.g. weight decay, is discarded)."""
+  params, opt_state = optim.apply_update(opt_cfg, params, opt_state, grads, g_norm)
+  return with_state(params, updates), opt_state
 
 
 def plain_step(specs: tuple[blocks.BlockSpec, ...], opt_cfg: optim.OptimConfig,
@@ -114,13 +142,16 @@ def plain_step(specs: tuple[blocks.BlockSpec, ...], opt_cfg: optim.OptimConfig,
 
   def loss_fn(all_params):
     x = batch[family.get(specs[0].arch).INPUT_KEY]
+    updates = []
     for spec, p, f in zip(specs, all_params, frozen):
-      x, _ = block_forward(spec, p, f, x, batch, step_key)
-    return x
+      x, (_, u) = block_forward(spec, p, f, x, batch, step_key)
+      updates.append(u)
+    return x, updates
 
-  loss, grads = jax.value_and_grad(loss_fn)(params)
+  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   g_norm = optim.global_norm([optim.sq_norm_partials(g, s.unit_names) for s, g in zip(specs, grads)])
-  new = [optim.apply_update(opt_cfg, p, o, g, g_norm) for p, o, g in zip(params, opt_states, grads)]
+  new = [block_update(opt_cfg, p, o, g, g_norm, u)
+         for p, o, g, u in zip(params, opt_states, grads, updates)]
   return [p for p, _ in new], [o for _, o in new], loss, g_norm
 
 
@@ -189,12 +220,13 @@ def blocked_step(specs: Sequence[blocks.BlockSpec], opt_cfg: optim.OptimConfig,
   """
   fns = fns or default_fns()
   x = batch[family.get(specs[0].arch).INPUT_KEY]
-  fwd_out, vjps, unit_out = [], [], []
+  fwd_out, vjps, unit_out, updates = [], [], [], []
   for spec, p, f in zip(specs, params, frozen):
-    x, vjp, inner = fns.fwd(spec, p, f, x, batch, step_key)
+    x, vjp, inner, u = fns.fwd(spec, p, f, x, batch, step_key)
     fwd_out.append(x)
     vjps.append(vjp)
     unit_out.append(inner)
+    updates.append(u)
   n = len(specs)
   bwd_in: list[Any] = [None] * n
   grads: list[Any] = [None] * n
@@ -206,8 +238,8 @@ def blocked_step(specs: Sequence[blocks.BlockSpec], opt_cfg: optim.OptimConfig,
   partials = [fns.sq_norms(s, g) for s, g in zip(specs, grads)]
   g_norm = fns.combine(partials)
   new_params, new_opt = [], []
-  for p, o, g in zip(params, opt_states, grads):
-    p, o = fns.update(opt_cfg, p, o, g, g_norm)
+  for p, o, g, u in zip(params, opt_states, grads, updates):
+    p, o = fns.update(opt_cfg, p, o, g, g_norm, u)
     new_params.append(p)
     new_opt.append(o)
   return new_params, new_opt, StepTrace(fwd_out[-1], fwd_out, unit_out, bwd_in, partials, g_norm)
@@ -247,10 +279,10 @@ def block_step(spec: blocks.BlockSpec, opt_cfg: optim.OptimConfig, params: PyTre
     The BlockStep.
   """
   fns = fns or default_fns()
-  y, vjp, inner = fns.fwd(spec, params, frozen, x_in, batch, step_key)
+  y, vjp, inner, updates = fns.fwd(spec, params, frozen, x_in, batch, step_key)
   ct = loss_seed(y) if spec.is_last else ct_from_above
   grads, ct_down = fns.bwd(vjp, ct)
   partial = fns.sq_norms(spec, grads)
   g_norm = grad_norm(partial)
-  params, opt_state = fns.update(opt_cfg, params, opt_state, grads, g_norm)
+  params, opt_state = fns.update(opt_cfg, params, opt_state, grads, g_norm, updates)
   return BlockStep(params, opt_state, y, inner, ct, ct_down, partial, g_norm)
