@@ -74,7 +74,7 @@ def get_config(variant: str = "vit_tiny") -> ml_collections.ConfigDict:
   c.data.augment.flip = True
 
   c.batch_size = 32
-  c.num_steps = 200
+  c.num_steps = 800
   c.num_epochs = 0.0
 
   c.optim = ml_collections.ConfigDict()

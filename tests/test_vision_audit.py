@@ -7,6 +7,9 @@ tolerance), attacks are rejected at the right check and step and nothing else is
 """
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -23,6 +26,7 @@ from aftune.train import job as job_lib
 from aftune.train import trainer as train
 from configs import vision as vision_sheets
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 CFG = {"audit.checkpoint_interval": 1}
 K, S = 3, 4
 ALL = [(k, s) for k in range(K) for s in range(S)]
@@ -215,3 +219,36 @@ def test_vision_families_are_registered_behind_the_contract():
     assert fam.INPUT_KEY == "image" and fam.BATCH_KEYS == ("image", "label")
   cfg = vit.config_from_sheet(sheet())
   assert family.config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("case", ["corrupt", "label", "arch"])
+def test_bad_input_exits_2_naming_the_file_and_writes_nothing(tmp_path, case):
+  from aftune.data import tiny_images  # pylint: disable=g-import-not-at-top
+  data = tmp_path / "data"
+  classes = ["a", "b", "c", "d", "e"] if case == "label" else ["a", "b"]
+  for i, c in enumerate(classes):
+    (data / c).mkdir(parents=True)
+    src = tiny_images.DEFAULT_IMAGES_PATH / tiny_images.CLASS_NAMES[i % 4]
+    for j in range(4):
+      (data / c / f"{j}.png").write_bytes((src / f"{j:04d}.png").read_bytes())
+  args = [f"--config.data.train_path={data}", "--config.batch_size=4"]
+  if case == "corrupt":
+    (data / "b" / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    want = str(data / "b" / "9.png")
+  elif case == "label":
+    want = "e"  # the fifth class folder: label 4 does not fit a 4-class head
+  else:  # a ResNet checkpoint where the sheet says ViT
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"architectures": ["ResNetForImageClassification"],
+                                                  "model_type": "resnet"}))
+    args.append(f"--config.model.hf_path={ckpt}")
+    want = str(ckpt / "config.json")
+  workdir = tmp_path / "w"
+  r = subprocess.run([sys.executable, "-m", "experiments.finetune", "--config",
+                      "configs/vision.py:smoke", "--workdir", str(workdir), *args],
+                     cwd=ROOT, capture_output=True, text=True)
+  assert r.returncode == 2, r.stderr[-2000:]
+  err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and want in err[0], r.stderr[-2000:]
+  assert not workdir.exists()

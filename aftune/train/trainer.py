@@ -105,14 +105,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   """
   workdir = Path(workdir)
   apply_platform(config)
-  workdir.mkdir(parents=True, exist_ok=True)
-  _check_or_write_config(workdir, config)
-  job = job or job_lib.build_job(config)
-  jsonio.write_json(workdir / "provenance.json", provenance.provenance())
-
   if config.record and config.step_impl != "blocked":
     raise errors.ConfigError("record=True needs step_impl='blocked' (the plain step is the "
                               "unaudited baseline); set --config.record=False")
+  # Bad input (a corrupt example, a wrong checkpoint) fails here, before anything is written.
+  job = job or job_lib.build_job(config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_or_write_config(workdir, config)
+  jsonio.write_json(workdir / "provenance.json", provenance.provenance())
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints")
   latest = checkpointer.latest_step()
   start = latest or 0
