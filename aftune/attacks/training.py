@@ -313,3 +313,79 @@ class Composite(loop.Honest):
     for a in self.attacks:
       params = a.final(params)
     return params
+
+
+# ---- deviations by strength (the attack suite, aftune/attacks/suite.py) ----------------
+
+
+def choose_steps(num_steps: int, fraction: float, seed: int = 0) -> tuple[int, ...]:
+  """round(fraction * num_steps) distinct steps, drawn with a seeded numpy Generator."""
+  n = int(round(fraction * num_steps))
+  rng = np.random.default_rng(seed)
+  return tuple(sorted(int(s) for s in rng.choice(num_steps, size=n, replace=False)))
+
+
+@dataclasses.dataclass
+class SkippedSteps(loop.Honest):
+  """Under-training: drops the updates of `steps` (the paper's 25% and 50% of steps); stopping
+  early and claiming completion is the set of the last steps. The recorded trace is the
+  computed one, so the commitment is self-consistent."""
+  steps: tuple[int, ...]
+
+  def after_step(self, step, old_params, old_opt_states, new_params, new_opt_states, trace):
+    if step in self.steps:
+      return list(old_params), list(old_opt_states), trace
+    return new_params, new_opt_states, trace
+
+
+@dataclasses.dataclass
+class OptimizerDeviation(loop.Honest):
+  """Trains `steps` with other optimizer settings (`changes`: OptimConfig fields, e.g.
+  learning_rate, schedule, name); None: every step."""
+  changes: tuple[tuple[str, Any], ...]
+  steps: tuple[int, ...] | None = None
+
+  def opt_cfg(self, step, opt_cfg):
+    if self.steps is None or step in self.steps:
+      return dataclasses.replace(opt_cfg, **dict(self.changes))
+    return opt_cfg
+
+
+@dataclasses.dataclass
+class SubstitutedExamples(loop.Honest):
+  """Data substitution: the examples in `examples` are replaced by other examples' content
+  (example i trains as example (i + N // 2) % N) wherever they appear; the agreed indices
+  are committed. `poison_field`/`poison_value` instead overwrite one field of those rows
+  (a poisoned set: e.g. every target token, or an image label)."""
+  examples: tuple[int, ...]
+  poison_field: str | None = None
+  poison_value: int = 0
+
+  def batch(self, step, indices, batch, job):
+    rows = [r for r, i in enumerate(np.asarray(indices)) if int(i) in set(self.examples)]
+    if not rows:
+      return indices, batch
+    if self.poison_field is not None:
+      batch = dict(batch)
+      batch[self.poison_field] = batch[self.poison_field].at[np.asarray(rows)].set(self.poison_value)
+      return indices, batch
+    other = np.asarray(indices).copy()
+    other[rows] = (other[rows] + job.num_examples // 2) % job.num_examples
+    return indices, batch_of(job, other)
+
+
+@dataclasses.dataclass
+class SubstitutedUnits(loop.Honest):
+  """Base-model or layer substitution: starts with the named units' parameters taken from
+  another model (`other`: per-block trainable pytrees of a model of the same architecture,
+  e.g. another initialisation), the rest agreed."""
+  units: tuple[str, ...]
+  other: list[Any] = dataclasses.field(repr=False, default_factory=list)
+
+  def initial(self, params):
+    params = [dict(p) for p in params]
+    for k, block in enumerate(params):
+      for unit in self.units:
+        if unit in block:
+          params[k][unit] = self.other[k][unit]
+    return params
