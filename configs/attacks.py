@@ -29,7 +29,8 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
   c.train.model.num_layers = 4
   c.mode = "exact"  # exact | tolerance: how every cell is verified
   c.strategies = ("uniform", "input_only", "output_only", "stratified", "guarantee")
-  c.rates = (0.05, 0.1, 0.25)  # fraction of the population drawn; guarantee: the promised P
+  c.rates = (0.05, 0.1, 0.25)  # fraction of the population drawn
+  c.guarantee_ps = (0.5, 0.9)  # the guarantee strategy: P(detect) promised if >= 2 cells tampered
   c.draws = 300  # independent challenges per (attack, strategy, rate)
   c.sims = 20000  # stratified: draws of the simulated prediction
   c.attacks = (

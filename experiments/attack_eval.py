@@ -77,6 +77,7 @@ def main(argv):
       rows = suite.measure(attack, flagged, job_id=hashing.from_hex(commitment["job_id"]),
                            root=hashing.from_hex(commitment["merkle_root"]), L=L, S=S,
                            strategies=tuple(cfg.strategies), rates=tuple(cfg.rates),
+                           guarantee_ps=tuple(cfg.guarantee_ps),
                            draws=int(cfg.draws), sims=int(cfg.sims))
       for r in rows:
         r.update(B_S=grid.steps_per_block, B_L=grid.units_per_block, mode=cfg.mode,

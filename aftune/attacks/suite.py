@@ -184,7 +184,7 @@ def _m_for(strategy: str, rate: float, L: int, S: int) -> dict[str, Any]:
   if strategy == "stratified":
     return {"m": max(max(L, S), math.ceil(rate * L * S))}
   if strategy == "guarantee":
-    return {"k": 2, "p": rate}  # rate read as the promised P(detect) if >= 2 cells tampered
+    return {"k": 2, "p": rate}  # the promised P(detect) if >= 2 cells were tampered
   return {"m": max(1, math.ceil(rate * L * S))}
 
 
@@ -212,12 +212,13 @@ def _nonce(*parts: Any) -> bytes:
 
 
 def measure(attack: Attack, flagged: frozenset[Cell], *, job_id: bytes, root: bytes, L: int,
-            S: int, strategies=STRATEGIES, rates=(0.05, 0.1, 0.25), draws: int = 300,
-            sims: int = 20000) -> list[dict[str, Any]]:
-  """Detection rows of one attack: per strategy and rate, `draws` real challenges."""
+            S: int, strategies=STRATEGIES, rates=(0.05, 0.1, 0.25),
+            guarantee_ps=(0.5, 0.9), draws: int = 300, sims: int = 20000) -> list[dict[str, Any]]:
+  """Detection rows of one attack: per strategy and rate, `draws` real challenges (for the
+  guarantee strategy the "rate" is the promised P(detect) if >= 2 cells were tampered)."""
   rows = []
   for strategy in strategies:
-    for rate in rates:
+    for rate in (guarantee_ps if strategy == "guarantee" else rates):
       params = _m_for(strategy, rate, L, S)
       caught = misses = 0
       m = None
