@@ -39,6 +39,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
       "layer_substitution:0.75", "layer_substitution:1.0", "final_edit:1",
       "forged_forward:0", "adaptive_middle:0")
   c.economics_rates = (0.05, 0.1, 0.25)
+  c.success = True  # attack success beside detection (aftune/attacks/edits.py), text models
   if variant == "small":
     pass
   elif variant == "smoke":
@@ -49,6 +50,7 @@ def get_config(variant: str = "small") -> ml_collections.ConfigDict:
     c.rates = (0.1, 0.25)
     c.draws = 150
     c.sims = 4000
+    c.success = False  # tests/test_attack_success.py covers it
   elif variant == "paper":
     c.train = finetune.get_config("llama3_8b")
     c.train.audit.units_per_block = 4

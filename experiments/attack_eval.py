@@ -10,12 +10,18 @@ Writes to --out (resuming: finished runs and their cell verdicts are reused):
                          passed: 0 in exact mode)
   cells.csv              every attack's verdict per cell (check, step, reason)
   economics.csv          compute saved vs P(caught) per sampling rate (suite.economics)
+  success.csv            attack success beside detection (aftune/attacks/edits.py): the
+                         smallest weight backdoor, rank-one edit and activation perturbation
+                         that flip a yes/no answer of the honest final model, their sizes in
+                         the verifier's metric, the tolerance threshold of that tensor kind,
+                         whether they fit under it, and the honest replay noise
   summary.md             the tables, readable
   runs/<attack>/         each dishonest provider's workdir
 The library does the work (`aftune/attacks/suite.py`).
 """
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,7 +50,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _md_table(rows: list[dict], cols: list[str]) -> str:
-  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+  fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
   return "\n".join(lines)
@@ -86,6 +92,19 @@ def main(argv):
       progress.step(f"{attack.name} {attack.strength}: {len(flagged)} of {L * S} cells flagged, "
                     f"footprint {len(attack.footprint)}")
     econ = suite.economics(grid, rates=tuple(cfg.economics_rates))
+    success = []
+    if cfg.success and job.tokenizer is not None:
+      from aftune.attacks import edits  # pylint: disable=g-import-not-at-top
+      from aftune.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+      from aftune.train import loop  # pylint: disable=g-import-not-at-top
+      ckpt = ckpt_lib.Checkpointer(honest / "checkpoints", create=False)
+      final, _ = loop.restore_state(ckpt, job.num_steps, job)
+      ckpt.close()
+      model = dataclasses.replace(job.blocked, trainable=final)
+      success = edits.success_table(model, job.tokenizer, job.template,
+                                    noise=edits.honest_noise(job))
+      _write_csv(out / "success.csv", success)
+      progress.step("attack success (backdoor, rank-one edit, PGD)", 0)
     _write_csv(out / "detection.csv", detection_rows)
     (out / "detection.json").write_text(json.dumps(
         {"config": json.loads(cfg.to_json_best_effort()), "grid": grid.to_dict(),
@@ -98,7 +117,11 @@ def main(argv):
         f"{cfg.draws} draws per row, {cfg.mode} mode",
         _md_table(detection_rows, ["attack", "strength", "strategy", "rate", "m", "k", "k_flagged",
                                    "measured", "ci_low", "ci_high", "predicted", "misses"]),
-        "## Economics of cheating (uniform challenges)", _md_table(econ, econ_cols)]) + "\n")
+        "## Economics of cheating (uniform challenges)", _md_table(econ, econ_cols),
+        "## Attack success beside the tolerance thresholds",
+        _md_table(success, ["attack", "target", "kind", "success", "verifier_rel_err",
+                            "tolerance", "fits_under_tolerance", "honest_noise"])
+        if success else "(not measured)"]) + "\n")
   print((out / "summary.md").read_text())
 
 
