@@ -8,6 +8,7 @@ Variants:
   smoke      the tiny model shrunk to run in seconds (2 layers, 12 steps of batch 4): what the
              tests, CI and `scripts/demo.sh --quick` run; the same code as every other sheet.
   tiny       random-init 4-layer decoder on the built-in instruction data (data/default).
+  tiny_fsdp  tiny, FSDP over 4 CPU devices (docs/sharding.md).
   small50m   49.2M-parameter decoder on the same data: the benchmark config.
   llama3_8b  the paper's Llama-3.1-8B-Instruct setting; set --config.model.hf_path.
   qwen3_14b  the paper's Qwen3-14B setting; set --config.model.hf_path.
@@ -87,6 +88,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.platform.gpu_deterministic = False
   c.platform.gpu_autotune = "default"
 
+  # Sharding (aftune/train/mesh.py, docs/sharding.md): a (data, fsdp) mesh; (1, 1): one device.
+  # On the CPU, the trainer forces that many host devices before JAX starts.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (1, 1)
+  c.mesh.axes = ("data", "fsdp")
+  c.mesh.min_shard_elems = 1024  # smaller parameter leaves are replicated
+
   if variant == "tiny":
     pass
   elif variant == "smoke":
@@ -96,6 +104,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.batch_size, c.num_steps, c.log_every = 4, 12, 4
     c.audit.steps_per_block, c.audit.checkpoint_interval = 2, 2
     c.optim.warmup_steps = 2
+  elif variant == "tiny_fsdp":
+    c.mesh.shape = (1, 4)  # FSDP over 4 CPU devices: parameters and optimizer state sharded
   elif variant == "small50m":
     c.model.hidden_size = 512
     c.model.intermediate_size = 1408
@@ -126,6 +136,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.platform.gpu_deterministic = True  # meant for a GPU: no atomics (docs/determinism.md)
     c.optim.clip_norm = 0.0
     c.audit.units_per_block = 4
+    # One 8-GPU host: FSDP over 8 (--config.mesh.shape=(2,4) mixes data parallelism); for
+    # 2 hosts x 8 GPUs, --config.mesh.shape=(2,8) under jax.distributed (not yet wired).
+    c.mesh.shape = (1, 8)
   else:
-    raise ValueError(f"unknown variant {variant!r}: smoke, tiny, small50m, llama3_8b, qwen3_14b")
+    raise ValueError(f"unknown variant {variant!r}: smoke, tiny, tiny_fsdp, small50m, llama3_8b, "
+                     "qwen3_14b")
   return c

@@ -21,7 +21,7 @@ _OUT = flags.DEFINE_string("out", "agreed.json", "Where to write the agreed fiel
 def main(argv):
   del argv
   with errors.exit_on_input_error():
-    agreed = audit.agreed_fields(job_lib.build_job(_CONFIG.value))
+    agreed = audit.agreed_fields(job_lib.build_job(_CONFIG.value, placed=False))
     with open(_OUT.value, "x") as f:  # never overwrite an agreement (FileExistsError: exit 2)
       json.dump(agreed, f, indent=2, sort_keys=True)
   print(f"wrote {_OUT.value}: base model {agreed['base_model_hash'][:16]}…, "

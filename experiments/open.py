@@ -19,6 +19,7 @@ from aftune.audit import challenge_doc
 from aftune.audit import infer_provider
 from aftune.audit import train_provider
 from aftune.infer import serving
+from aftune.train import mesh as mesh_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The recorded run.", required=True)
 _CHALLENGE = flags.DEFINE_string("challenge", None, "The client's challenge.json.", required=True)
@@ -32,8 +33,9 @@ def main(argv):
     # Regeneration replays with the recorded intra-op pool (set before JAX starts).
     spec_path = (Path(_RECORD.value) / "spec.json" if _RECORD.value
                  else Path(_WORKDIR.value) / "trace" / "job_spec.json")
-    threads = jsonio.load_json(spec_path, errors.InputError, "spec").get(
-        "environment", {}).get("intra_op_threads")
+    job_spec = jsonio.load_json(spec_path, errors.InputError, "spec")
+    threads = job_spec.get("environment", {}).get("intra_op_threads")
+    mesh_lib.force_host_devices_for(job_spec)  # regeneration runs on the committed mesh
     if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
       provenance.set_intra_op_threads(threads)
     ch = challenge_doc.load_challenge(_CHALLENGE.value)

@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from aftune import errors
 from aftune.audit import bundle as bundle_lib  # no JAX import: threads are pinned first
+from aftune.train import mesh as mesh_lib  # imports jax; the backend starts later
 
 _COMMITMENT = flags.DEFINE_string("commitment", None, "The client's commitment.json.", required=True)
 _CHALLENGE = flags.DEFINE_string("challenge", None, "The challenge the bundles answer.")
@@ -65,6 +66,7 @@ def _pin_threads(paths):
   threads = spec.get("environment", {}).get("intra_op_threads")
   if isinstance(threads, int) and not isinstance(threads, bool) and 0 < threads <= 4096:
     os.environ["PJRT_NPROC"] = str(threads)  # = provenance.POOL_ENV (no JAX import yet)
+  mesh_lib.force_host_devices_for(spec)  # a sharded job replays exactly on its mesh
 
 
 def _tolerances():
@@ -84,7 +86,7 @@ def _agreed(audit):
     raise errors.InputError("give --agreed or --config, not both")
   if _CONFIG.value is not None:
     from aftune.train import job as job_lib  # pylint: disable=g-import-not-at-top
-    return audit.agreed_fields(job_lib.build_job(_CONFIG.value))
+    return audit.agreed_fields(job_lib.build_job(_CONFIG.value, placed=False))
   return audit.load_agreed(_AGREED.value) if _AGREED.value else None
 
 

@@ -148,6 +148,9 @@ class Provider(provider_lib.ProviderBase):
       _, batch = self.job.batch(t)
       x_in = batch[input_key] if k == 0 else fwd[f"fwd_out/{k - 1}"]
       ct = None if last else tensorfile.read(recorder.step_file(self.workdir, t, "bwd"))[f"bwd_in/{k}"]
+      if self.job.placement is not None:  # the training step's shardings: the same bits
+        x_in = x_in if k == 0 else self.job.placement.boundary(x_in)
+        ct = None if ct is None else self.job.placement.boundary(ct)
       r = step_lib.block_step(spec, self.job.opt_cfg, p, o, frozen, x_in, batch,
                               self.job.step_key(t), ct, lambda _, g_norm=fwd["grad_norm"]: g_norm)
       p, o = r.params, r.opt_state

@@ -39,6 +39,7 @@ from aftune.model import family
 from aftune.record import jobspec
 from aftune.record import layout as trace
 from aftune.train import job as job_lib
+from aftune.train import mesh as mesh_lib
 from aftune.train import optim
 from aftune.train import step as step_lib
 
@@ -81,6 +82,7 @@ def verify_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, Any],
   m = bundle.manifest
   k, s = bundle.cell
   steps = list(grid.step_block_range(s)) if 0 <= s < grid.num_step_blocks else []
+  placement = _placement(m["job_spec"], mode)
 
   def authenticate(chk: core.Checks):
     _authenticate(bundle, commitment, agreed, challenge, grid, chk)
@@ -109,15 +111,35 @@ def verify_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, Any],
     if chk.mode == "exact":
       _check_programs(block_spec, opt_cfg, params, frozen, opt_state, bundle, spec, k, steps[0],
                       grid, chk, fns)
+    if placement is not None:  # the committed mesh: the same shardings as the training step
+      params, opt_state, frozen = (placement.state(x) for x in (params, opt_state, frozen))
     return block_spec, opt_cfg, params, opt_state, frozen, committed, int(spec["seed"])
 
   def replay(chk: core.Checks, context) -> None:
-    _replay(*context[:5], bundle, grid, k, steps, context[5], chk, context[6], fns)
+    _replay(*context[:5], bundle, grid, k, steps, context[5], chk, context[6], fns, placement)
 
   return core.verify_cell(bundle, commitment=commitment, grid=grid, id_field="job_id", what="job",
                           spec=m["job_spec"], mode=mode, tolerances=tolerances,
                           check_environment=check_environment, challenge=challenge,
                           authenticate=authenticate, replay=replay)
+
+
+def _placement(spec: dict[str, Any], mode: str) -> mesh_lib.Placement | None:
+  """Exact mode replays a sharded job on its committed mesh (reductions over sharded axes
+  decide the bits); tolerance mode replays on one device."""
+  mesh = spec.get("hyperparameters", {}).get("mesh") if isinstance(spec, dict) else None
+  if mesh is None or mode != "exact":
+    return None
+  try:
+    mesh_spec = mesh_lib.MeshSpec.from_dict(mesh)
+  except (KeyError, TypeError, ValueError) as e:
+    raise core.AuditInputError(f"the job spec's mesh is malformed ({e})") from None
+  if jax.device_count() < mesh_spec.size:
+    raise core.AuditInputError(
+        f"exact mode replays this job on its committed mesh {dict(zip(mesh_spec.axes, mesh_spec.shape))} "
+        f"({mesh_spec.size} devices); this verifier has {jax.device_count()}: run it with that "
+        "many devices or use --mode=tolerance")
+  return mesh_lib.Placement(mesh_spec)
 
 
 def _leaf(leaves, kind, t, j, chk) -> bytes:
@@ -329,13 +351,20 @@ def _check_programs(block_spec, opt_cfg, params, frozen, opt_state, bundle, spec
 
 
 def _replay(block_spec, opt_cfg, params, opt_state, frozen, bundle, grid, k, steps, committed,
-            chk: core.Checks, seed: int, fns: step_lib.BlockFns) -> None:
+            chk: core.Checks, seed: int, fns: step_lib.BlockFns,
+            placement: mesh_lib.Placement | None = None) -> None:
   T = bundle.tensors
   last = k == grid.num_layer_blocks - 1
   for t in steps:
     batch = {key: jnp.asarray(v) for key, v in _batch(T, t, block_spec.arch).items()}
+    if placement is not None:
+      batch = placement.batch(batch)
     x_in = _block_input(T, block_spec, k, t, batch)
     ct_above = None if last else jnp.asarray(T[names.step_tensor(t, "bwd_in", k)])
+    if placement is not None and k > 0:
+      x_in = placement.boundary(x_in)
+    if placement is not None and ct_above is not None:
+      ct_above = placement.boundary(ct_above)
     replayed = {}
 
     def grad_norm(partial, t=t):

@@ -142,6 +142,8 @@ def hyperparameters(job: job_lib.Job) -> dict[str, Any]:
   }
   if job.template is not None:
     hp.update(max_len=int(c.data.max_len), template=job.template.name)
+  if job.mesh_spec is not None:  # reductions over sharded axes decide the bits
+    hp["mesh"] = job.mesh_spec.to_dict()
   return json.loads(json.dumps(hp))  # tuples -> lists: canonical JSON has no tuples
 
 

@@ -23,6 +23,7 @@ from aftune.data import records as records_lib
 from aftune.data import tokenizer as tokenizer_lib
 from aftune.model import blocks as grid
 from aftune.model import family
+from aftune.train import mesh as mesh_lib
 from aftune.train import optim
 
 PyTree = Any
@@ -41,6 +42,8 @@ class Job:
   num_steps: int
   root_key: jax.Array
   class_names: tuple[str, ...] = ()  # image jobs: label i is class_names[i]
+  placement: Any = None  # mesh_lib.Placement of a sharded job (config.mesh); None: one device
+  mesh_spec: Any = None  # the run sheet's mesh (mesh_lib.MeshSpec), placed or not
 
   @property
   def num_examples(self) -> int:
@@ -51,7 +54,12 @@ class Job:
     return int(self.config.audit.steps_per_block)
 
   def init_opt_states(self) -> list[PyTree]:
-    return [optim.init_opt_state(self.opt_cfg, p) for p in self.blocked.trainable]
+    states = [optim.init_opt_state(self.opt_cfg, p) for p in self.blocked.trainable]
+    return [self.placement.state(o) for o in states] if self.placement else states
+
+  def place_state(self, trees: list[PyTree]) -> list[PyTree]:
+    """Per-block parameters or optimizer states placed on the job's mesh (if any)."""
+    return [self.placement.state(t) for t in trees] if self.placement else trees
 
   def example_indices(self, step: int) -> np.ndarray:
     """Which examples make up the batch of `step`: a pure function of (seed, N, step)."""
@@ -60,7 +68,8 @@ class Job:
 
   def batch(self, step: int) -> tuple[np.ndarray, dict[str, jax.Array]]:
     idx = self.example_indices(step)
-    return idx, {k: jnp.asarray(v) for k, v in order.make_batch(self.encoded, idx).items()}
+    batch = {k: jnp.asarray(v) for k, v in order.make_batch(self.encoded, idx).items()}
+    return idx, (self.placement.batch(batch) if self.placement else batch)
 
   def step_key(self, step: int) -> jax.Array:
     return step_key(int(self.config.seed), step)
@@ -87,11 +96,29 @@ def _num_steps(config: ml_collections.ConfigDict, n: int) -> int:
   raise errors.ConfigError("set num_steps or num_epochs")
 
 
-def build_job(config: ml_collections.ConfigDict) -> Job:
+def place(job: Job, placed: bool = True) -> Job:
+  """The job's base model placed on the run sheet's mesh (config.mesh), if it has one;
+  `placed=False` only notes the mesh (what the client needs to compute the agreed fields,
+  on any number of devices)."""
+  spec = mesh_lib.spec_from_sheet(job.config)
+  if spec is None:
+    return job
+  if not placed:
+    return dataclasses.replace(job, mesh_spec=spec)
+  placement = mesh_lib.Placement(spec)
+  blocked = dataclasses.replace(job.blocked,
+                                trainable=[placement.state(t) for t in job.blocked.trainable],
+                                frozen=[placement.state(f) for f in job.blocked.frozen])
+  return dataclasses.replace(job, blocked=blocked, placement=placement, mesh_spec=spec)
+
+
+def build_job(config: ml_collections.ConfigDict, *, placed: bool = True) -> Job:
   """Loads model, data (and tokenizer) and derives everything the run depends on.
 
   Args:
     config: a `configs/finetune.py` (text) or `configs/vision.py` (images) config.
+    placed: put a sharded job's arrays on its mesh (False: only note the mesh, e.g. for
+      the agreed fields).
 
   Returns:
     The Job, with the base parameters cut into layer blocks of B_L units.
@@ -102,7 +129,7 @@ def build_job(config: ml_collections.ConfigDict) -> Job:
     raise errors.ConfigError(f"step_impl must be blocked or plain, got {config.step_impl!r}")
   fam = family.get(config.model.arch)
   if fam.MODALITY == "image":
-    return _build_image_job(config, fam)
+    return place(_build_image_job(config, fam), placed)
   hf_path = config.model.hf_path
   tok_path = config.data.tokenizer_path or (Path(hf_path) / "tokenizer.json" if hf_path else "")
   if not tok_path:
@@ -131,9 +158,9 @@ def build_job(config: ml_collections.ConfigDict) -> Job:
   opt_cfg = _optim_config(config, num_steps)
   optim.make_optimizer(opt_cfg)  # fail now on a bad optimizer name, not at step 0
   optim.make_schedule(opt_cfg)
-  return Job(config=config, model_cfg=model_cfg, opt_cfg=opt_cfg, blocked=blocked, encoded=encoded,
-             tokenizer=tokenizer, template=template, num_steps=num_steps,
-             root_key=jax.random.key(config.seed))
+  return place(Job(config=config, model_cfg=model_cfg, opt_cfg=opt_cfg, blocked=blocked,
+                   encoded=encoded, tokenizer=tokenizer, template=template, num_steps=num_steps,
+                   root_key=jax.random.key(config.seed)), placed)
 
 
 def _build_image_job(config: ml_collections.ConfigDict, fam: Any) -> Job:

@@ -114,7 +114,10 @@ def restore_state(checkpointer: ckpt_lib.Checkpointer, step: int, job: Any,
   abstract.update({f"opt_state_{k}": opt0[k] for k in blocks})
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), abstract)
   items = checkpointer.restore(step, abstract)
-  return [items[f"params_{k}"] for k in blocks], [items[f"opt_state_{k}"] for k in blocks]
+  params = [items[f"params_{k}"] for k in blocks]
+  opt_states = [items[f"opt_state_{k}"] for k in blocks]
+  place = getattr(job, "place_state", None)  # a sharded job's state goes back on its mesh
+  return (place(params), place(opt_states)) if place else (params, opt_states)
 
 
 def nearest_checkpoint_step(checkpointer: ckpt_lib.Checkpointer, step: int) -> int:

@@ -25,6 +25,7 @@ from aftune.record import recorder as recorder_lib
 from aftune.train import checkpoint as ckpt_lib
 from aftune.train import job as job_lib
 from aftune.train import loop
+from aftune.train import mesh as mesh_lib
 from aftune.train import optim
 
 PyTree = Any
@@ -83,6 +84,9 @@ def apply_platform(config: ml_collections.ConfigDict) -> None:
   autotune = str(platform.get("gpu_autotune", "default"))
   if deterministic or autotune != "default":
     platform_flags.apply(platform_flags.gpu_flags(deterministic=deterministic, autotune=autotune))
+  mesh = mesh_lib.spec_from_sheet(config)
+  if mesh is not None:  # a mesh on the CPU needs that many host devices
+    mesh_lib.force_host_devices(mesh.size)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,

@@ -1,0 +1,141 @@
+"""Meshes from the run sheet: data parallel and FSDP placement of a job, with JAX's own
+`jax.sharding` (a `Mesh` of named axes, `NamedSharding` per array).
+
+  config.mesh.shape = (data, fsdp)   e.g. (4, 1) data parallel, (1, 4) FSDP, (2, 2) both
+  config.mesh.axes  = ("data", "fsdp")
+
+Rules (`Placement`):
+- a batch is sharded on its leading (example) axis over both mesh axes;
+- a parameter or optimizer-state leaf (FSDP) is sharded over "fsdp" on its largest axis
+  that the fsdp size divides, and replicated over "data"; leaves too small to be worth it
+  (< `min_shard_elems`) and scalars are replicated.
+Boundary tensors and gradients follow from jit's sharding propagation; the global
+gradient norm and the loss are global scalars (the same jitted functions compute them).
+
+What a mesh changes for the audit. The committed hashes are of the *logical* arrays
+(`hashing.hash_array` of the gathered value), so a parameter, a batch or a boundary has
+the same hash on 1 device or on any mesh. The values computed are another matter: a
+reduction over a sharded axis (the loss and gradients over the data axis, a matmul over an
+FSDP-gathered weight) may sum in another order. The mesh is therefore part of the job
+spec (`hyperparameters.mesh`): an exact replay places the cell's arrays by the same rules
+on the same mesh, and refuses (one clear error) when the verifier has fewer devices;
+tolerance mode replays on whatever it has (docs/sharding.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from aftune import errors
+
+PyTree = Any
+AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  """The committed description of a mesh (job spec `hyperparameters.mesh`)."""
+  shape: tuple[int, ...]
+  axes: tuple[str, ...] = AXES
+  min_shard_elems: int = 1024
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"shape": list(self.shape), "axes": list(self.axes), "rules": "fsdp",
+            "min_shard_elems": self.min_shard_elems}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "MeshSpec":
+    if d.get("rules") != "fsdp":
+      raise errors.InputError(f"unknown mesh rules {d.get('rules')!r}")
+    return cls(tuple(int(s) for s in d["shape"]), tuple(d["axes"]), int(d["min_shard_elems"]))
+
+
+def force_host_devices(n: int) -> None:
+  """Makes XLA:CPU expose n host devices (XLA_FLAGS), unless a count is set already; must
+  run before JAX starts its backend. No effect on a GPU or TPU backend's real devices."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if n > 1 and "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def force_host_devices_for(spec: Any) -> None:
+  """The same for a job spec (or a bundle manifest's spec) with a committed mesh."""
+  mesh = spec.get("hyperparameters", {}).get("mesh") if isinstance(spec, dict) else None
+  shape = mesh.get("shape") if isinstance(mesh, dict) else None
+  if isinstance(shape, list) and shape and all(isinstance(d, int) and 0 < d <= 4096 for d in shape):
+    force_host_devices(math.prod(shape))
+
+
+def spec_from_sheet(config: Any) -> MeshSpec | None:
+  """The run sheet's mesh, or None for one device (no `mesh` field, or shape all ones)."""
+  m = config.get("mesh") if hasattr(config, "get") else None
+  if m is None:
+    return None
+  shape = tuple(int(s) for s in m.shape)
+  axes = tuple(m.get("axes", AXES))
+  if len(shape) != len(axes) or set(axes) != set(AXES) or min(shape) < 1:
+    raise errors.ConfigError(f"mesh.shape {list(shape)} / mesh.axes {list(axes)}: give one size "
+                             f"per axis of {AXES}")
+  spec = MeshSpec(shape, axes, int(m.get("min_shard_elems", 1024)))
+  return spec if spec.size > 1 else None
+
+
+class Placement:
+  """Where a job's arrays live on a mesh (the rules in the module docstring)."""
+
+  def __init__(self, spec: MeshSpec, devices: list[Any] | None = None):
+    devices = jax.devices() if devices is None else devices
+    if len(devices) < spec.size:
+      raise errors.ConfigError(
+          f"the mesh {dict(zip(spec.axes, spec.shape))} needs {spec.size} devices, this process "
+          f"has {len(devices)} (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count="
+          f"{spec.size})")
+    self.spec = spec
+    self.mesh = jax.sharding.Mesh(np.asarray(devices[:spec.size]).reshape(spec.shape), spec.axes)
+    self.fsdp = dict(zip(spec.axes, spec.shape))["fsdp"]
+
+  def leaf_sharding(self, x: Any) -> NamedSharding:
+    shape = np.shape(x)
+    if self.fsdp > 1 and math.prod(shape) >= self.spec.min_shard_elems:
+      # The largest axis the fsdp size divides (the first one among equals).
+      axes = sorted((i for i, d in enumerate(shape) if d % self.fsdp == 0),
+                    key=lambda i: (-shape[i], i))
+      if axes:
+        parts = [None] * len(shape)
+        parts[axes[0]] = "fsdp"
+        return NamedSharding(self.mesh, P(*parts))
+    return NamedSharding(self.mesh, P())
+
+  def state(self, tree: PyTree) -> PyTree:
+    """Parameters or optimizer state, placed by the FSDP rule."""
+    return jax.tree.map(lambda x: jax.device_put(x, self.leaf_sharding(x)), tree)
+
+  def batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    """Batch fields sharded on the example axis over every mesh axis."""
+    n = self.spec.size
+    out = {}
+    for k, v in batch.items():
+      if np.shape(v)[0] % n:
+        raise errors.ConfigError(f"batch field {k!r} has {np.shape(v)[0]} examples, not a multiple "
+                                 f"of the {n} devices of the mesh")
+      out[k] = jax.device_put(v, NamedSharding(self.mesh, P(self.spec.axes)))
+    return out
+
+  def boundary(self, x: Any) -> Any:
+    """A boundary tensor (activation or cotangent) as the training step leaves it: sharded on
+    its leading (example) axis; a scalar (the loss, its cotangent) replicated."""
+    if np.ndim(x) == 0 or np.shape(x)[0] % self.spec.size:
+      return jax.device_put(x, NamedSharding(self.mesh, P()))
+    return jax.device_put(x, NamedSharding(self.mesh, P(self.spec.axes)))
