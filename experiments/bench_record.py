@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from aftune.bench import record as bench_record
+from aftune.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py:tiny", "Run sheet.",
                                           lock_config=True)
@@ -23,13 +24,12 @@ _STEPS = flags.DEFINE_integer("steps", 16, "Timed steps per variant.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant (compilation).")
 _ROUND = flags.DEFINE_integer("round_steps", 4, "Steps per variant per round.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
-
-
 _TORCH = flags.DEFINE_bool("torch", True, "Also time a plain transformers step of the same "
                            "architecture when torch is installed (the CPU speed baseline).")
 
 
 def main(argv):
+  trainer.apply_platform(_CONFIG.value)  # threads, GPU flags, a mesh's devices: before JAX
   del argv
   r = bench_record.bench_record(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
                                 round_steps=_ROUND.value, torch=_TORCH.value)

@@ -23,6 +23,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from aftune.bench import timing as bench
+from aftune.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py:tiny", "Run sheet.",
                                           lock_config=True)
@@ -36,6 +37,7 @@ _TORCH = flags.DEFINE_bool("torch", True, "Also time a plain transformers step o
 
 
 def main(argv):
+  trainer.apply_platform(_CONFIG.value)  # threads, GPU flags, a mesh's devices: before JAX
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.info("JAX %s on %s: %s", jax.__version__, jax.default_backend(), jax.devices())
