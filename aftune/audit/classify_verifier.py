@@ -75,17 +75,9 @@ def verify_classification_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[
 
 def _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk) -> dict:
   m, (k, _) = bundle.manifest, bundle.cell
-  core.check_commitment(bundle, commitment, challenge, chk)
   spec = m["spec"]
-  spec_id = hashing.hash_json(spec)
-  chk.require(spec_id.hex() == commitment["inference_id"], "spec",
-              "the classification spec does not hash to the committed inference id")
-  chk.require(spec["model_hash"] == commitment["model_hash"], "model",
-              "the spec's model is not the committed one")
-  if expected_model_hash is not None:
-    chk.require(spec["model_hash"] == expected_model_hash, "model",
-                f"served model {spec['model_hash'][:16]}… is not the promised model "
-                f"{expected_model_hash[:16]}… (another model at serving time)")
+  spec_id = infer_verifier.check_served_spec(bundle, commitment, expected_model_hash, challenge,
+                                             "classification", chk)
   chk.require(trace.InferenceGrid.from_dict(spec["grid"]) == grid and grid.num_steps == 1, "spec",
               "the spec's grid is not the committed one-step grid")
   leaves = core.check_inclusion(m["leaves"], grid, commitment, chk)
@@ -105,12 +97,7 @@ def _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
     images = T.get(classify.IMAGES)
     chk.require(images is not None and classify.images_hash(images) == spec["images_hash"], "data",
                 "the revealed images are not the committed ones (spec images_hash)", 0)
-  digests = core.check_model_digests(m["model_digests"], spec["model_hash"], "served", chk)
-  for prefix in (names.PARAMS, names.FROZEN):
-    for comps, arr in names.under(prefix, T):
-      chk.require(digests.get(comps) == hashing.hash_array(arr), "model",
-                  f"parameter {'/'.join(comps)} of block {k} is not the served model's",
-                  where=["/".join(comps)])
+  infer_verifier.check_served_weights(m, T, k, chk)
   return leaves
 
 

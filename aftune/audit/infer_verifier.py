@@ -101,17 +101,8 @@ def verify_inference_bundle(bundle: bundle_lib.Bundle, *, commitment: dict[str, 
 
 def _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk) -> None:
   m, (k, t) = bundle.manifest, bundle.cell
-  core.check_commitment(bundle, commitment, challenge, chk)
   spec = m["spec"]
-  spec_id = hashing.hash_json(spec)
-  chk.require(spec_id.hex() == commitment["inference_id"], "spec",
-              "the inference spec does not hash to the committed inference id")
-  chk.require(spec["model_hash"] == commitment["model_hash"], "model",
-              "the spec's model is not the committed one")
-  if expected_model_hash is not None:
-    chk.require(spec["model_hash"] == expected_model_hash, "model",
-                f"served model {spec['model_hash'][:16]}… is not the promised model "
-                f"{expected_model_hash[:16]}… (another model at serving time)")
+  spec_id = check_served_spec(bundle, commitment, expected_model_hash, challenge, "inference", chk)
   chk.require(trace.InferenceGrid.from_dict(spec["grid"]) == grid, "spec",
               "the inference spec's grid is not the committed grid")
   chk.require(grid.num_steps <= int(spec["settings"]["max_new_tokens"]), "spec",
@@ -140,13 +131,35 @@ def _authenticate(bundle, commitment, expected_model_hash, challenge, grid, chk)
     key = sampling.sampling_key(int(s_cfg["seed"]), int(s_cfg["batch_id"]), s)
     chk.require(leaves.get(("sample_key", s, -1)) == hashing.hash_key(key), "sample_key",
                 f"step {s}: the committed sampling key does not follow from the seed", s)
-  digests = core.check_model_digests(m["model_digests"], spec["model_hash"], "served", chk)
+  check_served_weights(m, T, k, chk)
+  return leaves
+
+
+def check_served_spec(bundle, commitment, expected_model_hash, challenge, what: str, chk) -> bytes:
+  """A served batch's opening is for the committed spec and model (and the promised one,
+  when given); returns the spec's id. `what` names the spec in messages."""
+  spec = bundle.manifest["spec"]
+  core.check_commitment(bundle, commitment, challenge, chk)
+  spec_id = hashing.hash_json(spec)
+  chk.require(spec_id.hex() == commitment["inference_id"], "spec",
+              f"the {what} spec does not hash to the committed inference id")
+  chk.require(spec["model_hash"] == commitment["model_hash"], "model",
+              "the spec's model is not the committed one")
+  if expected_model_hash is not None:
+    chk.require(spec["model_hash"] == expected_model_hash, "model",
+                f"served model {spec['model_hash'][:16]}… is not the promised model "
+                f"{expected_model_hash[:16]}… (another model at serving time)")
+  return spec_id
+
+
+def check_served_weights(m, T, k: int, chk) -> None:
+  """Block k's revealed weights are the served model's (via its authenticated digests)."""
+  digests = core.check_model_digests(m["model_digests"], m["spec"]["model_hash"], "served", chk)
   for prefix in (names.PARAMS, names.FROZEN):
     for comps, arr in names.under(prefix, T):
       chk.require(digests.get(comps) == hashing.hash_array(arr), "model",
                   f"parameter {'/'.join(comps)} of block {k} is not the served model's",
                   where=["/".join(comps)])
-  return leaves
 
 
 def _is_classification(spec: Any) -> bool:

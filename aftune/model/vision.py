@@ -182,6 +182,35 @@ def batch_shapes(cfg: Any, batch_size: int, hp: Mapping[str, Any]) -> dict[str, 
           "label": (np.dtype(np.int32), (batch_size,))}
 
 
+def load_pretrained(path: str, sheet: Any) -> tuple[Any, dict[str, nnx.Module]]:
+  """A local Hugging Face ViT / DINOv2 / ResNet checkpoint (`hf_vision.load_hf_vision`)."""
+  from aftune.model import hf_vision  # pylint: disable=g-import-not-at-top
+  return hf_vision.load_hf_vision(path, sheet)
+
+
+def unit_names(cfg: Any) -> tuple[str, ...]:
+  return cfg.unit_names
+
+
+def check_trainable(cfg: Any) -> None:
+  cfg.validate()
+
+
+def _rngs(seed: int) -> nnx.Rngs:
+  return nnx.Rngs(params=seed)
+
+
+def build_units(build_unit, cfg: Any, seed: int) -> dict[str, nnx.Module]:
+  """Every unit of a family (its `build_unit(cfg, name, rngs)`), in order, from one seed."""
+  rngs = _rngs(seed)
+  return {name: build_unit(cfg, name, rngs) for name in cfg.unit_names}
+
+
+def abstract_unit(build_unit, cfg: Any, name: str) -> nnx.Module:
+  """A unit's structure with shape-only parameters: nothing is allocated."""
+  return nnx.eval_shape(lambda: build_unit(cfg, name, _rngs(0)))
+
+
 def prefill_unit(name, unit, x, ctx, max_len):
   raise errors.ConfigError("vision models are served by aftune.infer.classify, not by generation")
 

@@ -271,32 +271,19 @@ def config_from_sheet(sheet: Any, vocab_size: int | None = None) -> ViTConfig:
   return cfg
 
 
-def load_pretrained(path: str, sheet: Any) -> tuple[ViTConfig, dict[str, nnx.Module]]:
-  """A local Hugging Face ViT / DINOv2 checkpoint (`hf_vision.load_hf_vision`)."""
-  from aftune.model import hf_vision  # pylint: disable=g-import-not-at-top
-  return hf_vision.load_hf_vision(path, sheet)
-
-
-def unit_names(cfg: ViTConfig) -> tuple[str, ...]:
-  return cfg.unit_names
-
-
-def _rngs(seed: int) -> nnx.Rngs:
-  return nnx.Rngs(params=seed)
+load_pretrained = vision.load_pretrained
+unit_names = vision.unit_names
+check_trainable = vision.check_trainable
 
 
 def build_units(cfg: ViTConfig, seed: int) -> dict[str, nnx.Module]:
-  rngs = _rngs(seed)
-  return {name: build_unit(cfg, name, rngs) for name in cfg.unit_names}
+  return vision.build_units(build_unit, cfg, seed)
 
 
 def abstract_unit(cfg: ViTConfig, name: str) -> nnx.Module:
-  return nnx.eval_shape(lambda: build_unit(cfg, name, _rngs(0)))
+  return vision.abstract_unit(build_unit, cfg, name)
 
 
 def trainable_filter(cfg: ViTConfig) -> Any:
   return nnx.Param
 
-
-def check_trainable(cfg: ViTConfig) -> None:
-  cfg.validate()
