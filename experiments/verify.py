@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from aftune import errors
 from aftune.audit import bundle as bundle_lib  # no JAX import: threads are pinned first
 from aftune.train import mesh as mesh_lib  # imports jax; the backend starts later
+from aftune.train import multihost  # jax.distributed, before the backend starts
 
 _COMMITMENT = flags.DEFINE_string("commitment", None, "The client's commitment.json.", required=True)
 _CHALLENGE = flags.DEFINE_string("challenge", None, "The challenge the bundles answer.")
@@ -56,6 +57,12 @@ _TRAINING_COMMITMENT = flags.DEFINE_string(
 _ALLOW_UNBOUND = flags.DEFINE_bool("allow_unbound", False, "Give a verdict without the inputs "
                                    "that bind it; the verdict names what it did not check.")
 _OUT = flags.DEFINE_string("out", "verdict.json", "Verdict JSON; the report goes beside it (.md).")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 when the verifier "
+                                   "runs as several processes, as the job did (exact replays of a "
+                                   "multi-process run); default $JAX_COORDINATOR_ADDRESS.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Verifier processes "
+                                      "(default: $JAX_NUM_PROCESSES, else 1).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (default: $JAX_PROCESS_ID).")
 
 
 def _pin_threads(paths):
@@ -66,7 +73,8 @@ def _pin_threads(paths):
   threads = spec.get("environment", {}).get("intra_op_threads")
   if isinstance(threads, int) and not isinstance(threads, bool) and 0 < threads <= 4096:
     os.environ["PJRT_NPROC"] = str(threads)  # = provenance.POOL_ENV (no JAX import yet)
-  mesh_lib.force_host_devices_for(spec)  # a sharded job replays exactly on its mesh
+  # A sharded job replays exactly on its mesh, over as many processes as it ran on.
+  mesh_lib.force_host_devices_for(spec, multihost.process_count_from(_NUM_PROCESSES.value))
 
 
 def _tolerances():
@@ -96,6 +104,7 @@ def _verify():
     raise errors.InputError(f"{_BUNDLES.value}: no *.bundle files")
   if _MODE.value == "exact":
     _pin_threads(paths)
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from aftune.audit import challenge_doc  # pylint: disable=g-import-not-at-top
   from aftune.audit import client as audit  # pylint: disable=g-import-not-at-top  (imports JAX)
   from aftune.record import commitment as commitment_lib  # pylint: disable=g-import-not-at-top
@@ -125,6 +134,8 @@ def main(argv):
   del argv
   with errors.exit_on_input_error():
     audit, verdict = _verify()
+  if not multihost.is_primary():  # every process replayed the same cells; one writes
+    sys.exit(0 if verdict["passed"] else 1)
   md = Path(_OUT.value).with_suffix(".md")
   audit.write_verdict(verdict, _OUT.value, md)
   print(audit.render_markdown(verdict))

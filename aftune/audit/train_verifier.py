@@ -19,6 +19,7 @@ The verifier only ever holds one layer block's parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from typing import Any
@@ -40,6 +41,7 @@ from aftune.record import jobspec
 from aftune.record import layout as trace
 from aftune.train import job as job_lib
 from aftune.train import mesh as mesh_lib
+from aftune.train import multihost
 from aftune.train import optim
 from aftune.train import step as step_lib
 
@@ -134,6 +136,14 @@ def _placement(spec: dict[str, Any], mode: str) -> mesh_lib.Placement | None:
     mesh_spec = mesh_lib.MeshSpec.from_dict(mesh)
   except (KeyError, TypeError, ValueError) as e:
     raise core.AuditInputError(f"the job spec's mesh is malformed ({e})") from None
+  procs = spec.get("environment", {}).get("process_count", 1)
+  if procs != jax.process_count():
+    # Measured (docs/sharding.md): the cross-process reductions (gloo on CPU, NCCL on GPU)
+    # add in another order than one process's own collectives, from the first step on.
+    raise core.AuditInputError(
+        f"exact mode replays this job as it ran: over {procs} process(es) on its committed mesh "
+        f"{dict(zip(mesh_spec.axes, mesh_spec.shape))}; this verifier is {jax.process_count()}: "
+        f"run it as {procs} processes (--num_processes) or use --mode=tolerance")
   if jax.device_count() < mesh_spec.size:
     raise core.AuditInputError(
         f"exact mode replays this job on its committed mesh {dict(zip(mesh_spec.axes, mesh_spec.shape))} "
@@ -368,7 +378,9 @@ def _replay(block_spec, opt_cfg, params, opt_state, frozen, bundle, grid, k, ste
     replayed = {}
 
     def grad_norm(partial, t=t):
-      partials = [partial if j == k else jnp.asarray(T[names.step_tensor(t, "sq_norms", j)])
+      # (numpy, not device arrays, for the others: with several processes jit takes numpy as
+      # the same value on every process)
+      partials = [partial if j == k else np.asarray(T[names.step_tensor(t, "sq_norms", j)])
                   for j in range(grid.num_layer_blocks)]
       replayed["grad_norm"] = fns.combine(partials)
       if chk.mode == "exact":
@@ -379,6 +391,10 @@ def _replay(block_spec, opt_cfg, params, opt_state, frozen, bundle, grid, k, ste
 
     r = step_lib.block_step(block_spec, opt_cfg, params, opt_state, frozen, x_in, batch,
                             job_lib.step_key(seed, t), ct_above, grad_norm, fns=fns)
+    if jax.process_count() > 1:  # the replayed values whole on every process, then as on one
+      r = dataclasses.replace(r, **{f.name: jax.tree.map(multihost.host_value, getattr(r, f.name))
+                                    for f in dataclasses.fields(r)})
+      replayed["grad_norm"] = multihost.host_value(replayed["grad_norm"])
     if chk.mode == "exact" and grid.num_units:
       # Units in order: the first whose output leaves the record locates the failure.
       for u, name, out in zip(block_spec.unit_indices, block_spec.unit_names, r.inner):
@@ -403,7 +419,11 @@ def _replay(block_spec, opt_cfg, params, opt_state, frozen, bundle, grid, k, ste
     chk.compare("grad_norm", replayed["grad_norm"], T[names.step_tensor(t, "grad_norm")],
                 committed("grad_norm", t), t, "global gradient norm")
     params, opt_state = r.params, r.opt_state
+    if placement is not None and jax.process_count() > 1:
+      params, opt_state = placement.state(params), placement.state(opt_state)
   t_end = steps[-1] + 1
+  if jax.process_count() > 1:
+    params, opt_state = jax.tree.map(multihost.host_value, (params, opt_state))
   for kind, tree in (("params", params), ("opt_state", opt_state)):
     prefix = names.state("end", kind)
     if chk.mode == "exact":

@@ -431,11 +431,33 @@ def hash_array_on_device(x: jax.Array) -> jax.Array:
       raise TypeError(f"jax cannot hold {host_dtype} here (it became {x.dtype})")
   if not isinstance(x, jax.Array):
     raise TypeError(f"expected a jax array, got {type(x).__name__}")
+  rows = hashing.chunk_rows(_check_device_dtype(x.dtype), tuple(x.shape))
+  if rows is not None:
+    return _tree_form_on_device(x, rows)
   n, last_len = _lengths(_message_length(x))
   if isinstance(x, jax.core.Tracer):
     return _blake3_padded(_tensor_message(x, n), n, last_len)
   msg = _tensor_message_jit(x, cap=capacity(n))
   return _blake3_padded_jit(msg, np.uint32(n), np.uint32(last_len))
+
+
+def _chunk_message(chunk: jax.Array) -> jax.Array:
+  head = np.frombuffer(hashing._prefix(hashing.TAG_TENSOR_CHUNK), np.uint8)
+  return jnp.concatenate([jnp.asarray(head), _element_bytes(chunk)])
+
+
+def _tree_form_on_device(x: jax.Array, rows: int) -> jax.Array:
+  """A large tensor (docs/hashing.md, "Large tensors"): each chunk's leaf digest on the
+  device, then only the 32-byte leaves cross to the host for the small tree above them."""
+  if isinstance(x, jax.core.Tracer):
+    raise NotImplementedError(f"the tree form of a {x.dtype}{list(x.shape)} tensor (over "
+                              f"{hashing.CHUNK_BYTES} bytes) is not built inside jit")
+  n = hashing.num_chunks(x.shape, rows)
+  leaves = [bytes(np.asarray(blake3_message(_chunk_message(x[j * rows:(j + 1) * rows]))))
+            for j in range(n)]
+  root = hashing.chunk_tree_root({(j, 1): d for j, d in enumerate(leaves)}, n)
+  digest = hashing.tree_digest(np.dtype(x.dtype).name, tuple(x.shape), rows, root)
+  return jnp.asarray(np.frombuffer(digest, np.uint8))
 
 
 def digest_bytes(x: jax.Array) -> bytes:

@@ -37,6 +37,13 @@ TAG_JSON = b"aftune/v1/json"
 TAG_LEAF = b"aftune/v1/leaf"
 TAG_NODE = b"aftune/v1/node"
 TAG_EMPTY_TREE = b"aftune/v1/empty-tree"
+TAG_TENSOR_TREE = b"aftune/v1/tensor-tree"
+TAG_TENSOR_CHUNK = b"aftune/v1/tensor-chunk"
+TAG_TENSOR_NODE = b"aftune/v1/tensor-node"
+
+# Tensors larger than this are hashed in the tree form (row chunks of at most this many
+# bytes under a Merkle tree), so that a host can hash the rows it holds without the rest.
+CHUNK_BYTES = 1 << 20
 
 # BLAKE3 output does not depend on the thread count (it is a fixed tree hash),
 # so threading is purely a speed choice. Measured on 2 x86 cores (blake3
@@ -206,9 +213,102 @@ def _host(x: Any) -> np.ndarray:
 
 def _digest_host_tensor(a: np.ndarray, max_threads: int) -> bytes:
   a = _canonical_host_array(a)
-  h = _hasher(TAG_TENSOR, _threads_for(a.nbytes, max_threads))
-  _update_with_tensor(h, a)
+  rows = chunk_rows(a.dtype, a.shape)
+  if rows is None:
+    h = _hasher(TAG_TENSOR, _threads_for(a.nbytes, max_threads))
+    _update_with_tensor(h, a)
+    return h.digest()
+  n = num_chunks(a.shape, rows)
+  leaves = [hash_chunk(a[j * rows:(j + 1) * rows]) for j in range(n)]
+  return tree_digest(a.dtype.name, a.shape, rows, chunk_tree_root({(j, 1): d for j, d in enumerate(leaves)}, n))
+
+
+# --------------------------------------------------------------------------
+# The tree form of large tensors (docs/hashing.md, "Large tensors")
+# --------------------------------------------------------------------------
+
+
+def chunk_rows(dtype: Any, shape: Sequence[int]) -> int | None:
+  """Rows per chunk of the tree form, or None when the tensor is hashed whole (flat form).
+
+  A tensor of more than ``CHUNK_BYTES`` bytes is cut along its first axis into chunks of
+  ``c`` rows, ``c`` the largest power of two with ``c * row_bytes <= CHUNK_BYTES`` (at
+  least 1). Only the dtype and shape decide it, never the layout: that is what makes the
+  digest the same on one device and on any mesh.
+  """
+  shape = tuple(int(d) for d in shape)
+  itemsize = np.dtype(dtype).itemsize
+  if not shape or math.prod(shape) * itemsize <= CHUNK_BYTES:
+    return None
+  row = math.prod(shape[1:]) * itemsize
+  c = 1
+  while 2 * c * row <= CHUNK_BYTES:
+    c *= 2
+  return c
+
+
+def num_chunks(shape: Sequence[int], rows: int) -> int:
+  return -(-int(shape[0]) // rows)
+
+
+def hash_chunk(rows: np.ndarray) -> bytes:
+  """Leaf of the tree form: ``H(TAG_TENSOR_CHUNK, raw bytes of the chunk's rows)``."""
+  a = _canonical_host_array(rows)
+  h = _hasher(TAG_TENSOR_CHUNK)
+  if a.size:
+    h.update(a.reshape(-1).view(np.uint8))
   return h.digest()
+
+
+def chunk_node(left: bytes, right: bytes) -> bytes:
+  return hash_bytes(TAG_TENSOR_NODE, left + right)
+
+
+def _pow2_below(n: int) -> int:
+  return 1 << ((n - 1).bit_length() - 1)
+
+
+def aligned_pieces(lo: int, hi: int) -> list[tuple[int, int]]:
+  """[lo, hi) as (start, size) pieces of power-of-two size aligned to their size: each is
+  a complete subtree of the chunk tree of any n >= hi chunks (the tree splits every range
+  at the largest power of two below its length, like RFC 6962)."""
+  out = []
+  while lo < hi:
+    size = lo & -lo if lo else 1 << ((hi - lo).bit_length() - 1)
+    while lo + size > hi:
+      size //= 2
+    out.append((lo, size))
+    lo += size
+  return out
+
+
+def subtree(leaves: Sequence[bytes]) -> bytes:
+  """Root of a run of chunk leaves (the tree's split rule)."""
+  if len(leaves) == 1:
+    return leaves[0]
+  k = _pow2_below(len(leaves))
+  return chunk_node(subtree(leaves[:k]), subtree(leaves[k:]))
+
+
+def chunk_tree_root(nodes: Mapping[tuple[int, int], bytes], n: int) -> bytes:
+  """Root of the chunk tree of n leaves from complete subtrees {(start, size): digest}
+  that cover [0, n) (each host's part; `aligned_pieces` of its rows)."""
+
+  def root(lo: int, hi: int) -> bytes:
+    got = nodes.get((lo, hi - lo))
+    if got is not None:
+      return got
+    if hi - lo == 1:
+      raise ValueError(f"no digest covers chunk {lo} of {n}")
+    k = _pow2_below(hi - lo)
+    return chunk_node(root(lo, lo + k), root(lo + k, hi))
+
+  return root(0, n)
+
+
+def tree_digest(dtype_name: str, shape: Sequence[int], rows: int, root: bytes) -> bytes:
+  """``H(TAG_TENSOR_TREE, header || u64le(rows per chunk) || root)``."""
+  return hash_bytes(TAG_TENSOR_TREE, _tensor_body_header(dtype_name, shape) + u64le(rows) + root)
 
 
 def _digest_host_key(impl: str, data: np.ndarray, max_threads: int) -> bytes:
@@ -272,7 +372,21 @@ def hash_array(x: Any, *, max_threads: int = 1) -> bytes:
   """
   if _is_prng_key(x):
     return hash_key(x, max_threads=max_threads)
+  if _is_sharded(x):
+    from aftune.crypto import shards  # noqa: PLC0415  (needs jax, which is imported here)
+    return shards.hash_sharded(x)
   return _digest_host_tensor(_host(x), max_threads)
+
+
+def _is_sharded(x: Any) -> bool:
+  """A jax array over several devices: hashed shard by shard (aftune/crypto/shards.py)."""
+  jax = _jax()
+  if not _is_jax_array(x) or isinstance(x, getattr(jax.core, "Tracer", ())):
+    return False
+  if not x.is_fully_addressable:
+    raise TypeError("this array spans other processes: each hashes its part "
+                    "(shards.local_part) and one merges them (shards.merge)")
+  return len(x.sharding.device_set) > 1
 
 
 def hash_scalar(value: bool | int | float, dtype: Any) -> bytes:
@@ -420,13 +534,17 @@ def pytree_leaf_hashes(tree: Any, *, max_threads: int = 1) -> list[tuple[PathCom
     else:
       impls.append(None)
       arrays.append(leaf)
-  device = [i for i, a in enumerate(arrays) if _is_jax_array(a)]
+  sharded = {i: hash_array(a) for i, a in enumerate(arrays) if impls[i] is None and _is_sharded(a)}
+  device = [i for i, a in enumerate(arrays) if _is_jax_array(a) and i not in sharded]
   if device:
     fetched = jax.device_get([arrays[i] for i in device])
     for i, a in zip(device, fetched):
       arrays[i] = a
   out = []
-  for (comps, _), impl, a in zip(items, impls, arrays):
+  for i, ((comps, _), impl, a) in enumerate(zip(items, impls, arrays)):
+    if i in sharded:
+      out.append((comps, sharded[i]))
+      continue
     try:
       host = _host(a)
     except TypeError as e:

@@ -21,6 +21,7 @@ from aftune.model import blocks as grid_lib
 from aftune.model import family
 from aftune.record import layout as trace
 from aftune.train import job as job_lib
+from aftune.train import multihost
 from aftune.train import optim
 from aftune.train import step as step_lib
 
@@ -49,9 +50,10 @@ def model_hash(blocked: grid_lib.BlockedParams, trainable: list[PyTree] | None =
   """Canonical hash of a model: per unit, trainable and frozen parameters together.
 
   It does not depend on B_L (how units are grouped), so the hash of a served model can
-  be compared with the final model of any job.
+  be compared with the final model of any job. With several processes, each hashes the
+  shards it holds (`multihost.global_digests`; on one process: `hashing.hash_pytree`).
   """
-  return hashing.hash_pytree(unit_tree(blocked, trainable))
+  return multihost.global_digests([("pytree", unit_tree(blocked, trainable))])[0]
 
 
 def example_leaf(i: int, encoded: dict[str, np.ndarray]) -> bytes:

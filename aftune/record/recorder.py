@@ -36,6 +36,7 @@ from aftune.record import jobspec
 from aftune.record import layout as trace
 from aftune.record import tensorfile
 from aftune.train import job as job_lib
+from aftune.train import multihost
 
 PyTree = Any
 
@@ -61,11 +62,27 @@ class Recorder:
     self.workdir = Path(workdir)
     self.job = job
     self.grid = jobspec.make_grid(job)
+    # Several processes: each hashes what it holds on the training thread and the parts are
+    # merged there (train/multihost.py); only the primary process writes and signs.
+    self.multi = jax.process_count() > 1
+    self.primary = multihost.is_primary()
+    spec = jobspec.build_job_spec(job)
+    self.spec = spec
+    self.job_id = jobspec.job_id(spec)
+    self.timings = {"hash_s": 0.0, "write_s": 0.0, "fetch_s": 0.0, "wait_s": 0.0}
+    self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+    self._error: BaseException | None = None
+    self.writer = None
+    if self.primary:
+      self._open_trace(spec, key_path, start_step)
+    self._thread = threading.Thread(target=self._work, name="aftune-recorder", daemon=True)
+    self._thread.start()
+
+  def _open_trace(self, spec: dict, key_path: str | Path, start_step: int) -> None:
     self.key = load_or_create_key(Path(key_path))
     tdir = self.workdir / "trace"
     for sub in ("steps", "roots"):
       (tdir / sub).mkdir(parents=True, exist_ok=True)
-    spec = jobspec.build_job_spec(job)
     spec_path = tdir / "job_spec.json"
     if spec_path.exists():
       old = jsonio.load_json(spec_path, trace.TraceError, "job spec")
@@ -75,8 +92,6 @@ class Recorder:
                                f"(differs in {diff}); the environment or program changed")
     else:
       jsonio.write_json(spec_path, spec)
-    self.spec = spec
-    self.job_id = jobspec.job_id(spec)
     leaves_path = tdir / "leaves.bin"
     # A run killed before its first checkpoint resumes at step 0 too: keep the job_spec leaf.
     resume = leaves_path.exists() and leaves_path.stat().st_size >= trace.RECORD.size
@@ -86,30 +101,41 @@ class Recorder:
       self.writer.append(trace.Leaf("job_spec", -1, -1, self.job_id))
     # hash_s/write_s: the worker's own work; fetch_s: the worker waiting for the device;
     # wait_s: the training thread waiting for the worker (backpressure and flushes).
-    self.timings = {"hash_s": 0.0, "write_s": 0.0, "fetch_s": 0.0, "wait_s": 0.0}
-    self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-    self._error: BaseException | None = None
-    self._thread = threading.Thread(target=self._work, name="aftune-recorder", daemon=True)
-    self._thread.start()
 
   # ---- called from the training loop -------------------------------------------
 
   def step_block_start(self, step: int, params: list[PyTree], opt_states: list[PyTree]) -> None:
-    self._put(self._record_state, step, params, opt_states)
+    if self.multi:
+      self._put_primary(self._append_state, step, *self._state_digests(params, opt_states))
+    else:
+      self._put(self._record_state, step, params, opt_states)
 
   def after_step(self, step: int, indices: np.ndarray, batch: dict[str, jax.Array],
                  step_key: jax.Array, tr: Any) -> None:
-    self._put(self._record_step, step, indices, batch, step_key, tr)
+    if self.multi:
+      t0 = time.perf_counter()
+      digests = self._step_digests(indices, batch, step_key, tr)
+      t1 = time.perf_counter()
+      host = self._step_host_values(tr, multihost.host_value)  # the stored rows, gathered
+      self.timings["hash_s"] += t1 - t0
+      self.timings["fetch_s"] += time.perf_counter() - t1
+      self._put_primary(self._write_step, step, np.asarray(indices, np.int64), host, digests)
+    else:
+      self._put(self._record_step, step, indices, batch, step_key, tr)
 
   def before_checkpoint(self, step: int) -> None:
     """Everything before `step` is on disk and under a signed root before the checkpoint."""
-    self._put(self._emit_root, step)
+    self._put_primary(self._emit_root, step)
     self.flush()
 
-  def finish(self, step: int, params: list[PyTree], opt_states: list[PyTree]) -> dict:
-    self._put(self._record_state, step, params, opt_states)
+  def finish(self, step: int, params: list[PyTree], opt_states: list[PyTree]) -> dict | None:
+    self.step_block_start(step, params, opt_states)
     self.flush()
-    return self._commit(params)
+    # The final model hash: with several processes its parts are merged on every process.
+    final_hash = jobspec.model_hash(self.job.blocked, params)
+    doc = self._commit(final_hash) if self.primary else None
+    multihost.barrier("aftune-commit")
+    return doc
 
   def flush(self) -> None:
     t0 = time.perf_counter()
@@ -121,7 +147,8 @@ class Recorder:
     if self._thread.is_alive():
       self._queue.put(None)
       self._thread.join()
-    self.writer.close()
+    if self.writer is not None:
+      self.writer.close()
 
   # ---- worker --------------------------------------------------------------------
 
@@ -130,6 +157,10 @@ class Recorder:
     t0 = time.perf_counter()
     self._queue.put((fn, args))  # blocks when the worker is behind: backpressure
     self.timings["wait_s"] += time.perf_counter() - t0
+
+  def _put_primary(self, fn: Callable, *args) -> None:
+    if self.primary:
+      self._put(fn, *args)
 
   def _raise_if_failed(self) -> None:
     if self._error is not None:
@@ -154,57 +185,83 @@ class Recorder:
 
   def _record_state(self, step: int, params: list[PyTree], opt_states: list[PyTree]) -> None:
     t_wait = time.perf_counter()
-    params, opt_states = jax.device_get((params, opt_states))
+    jax.block_until_ready((params, opt_states))
     t0 = time.perf_counter()
     self.timings["fetch_s"] += t0 - t_wait
+    # A sharded leaf is hashed shard by shard (crypto/shards.py), never gathered.
     params_h = [hashing.hash_pytree(p) for p in params]
     opt_h = [hashing.hash_pytree(o) for o in opt_states]
     self.timings["hash_s"] += time.perf_counter() - t0
+    self._append_state(step, params_h, opt_h)
+
+  def _append_state(self, step: int, params_h: list[bytes], opt_h: list[bytes]) -> None:
     for k, h in enumerate(params_h):
       self._append("params", step, k, h)
     for k, h in enumerate(opt_h):
       self._append("opt_state", step, k, h)
 
+  def _state_digests(self, params: list[PyTree], opt_states: list[PyTree]) -> tuple[list, list]:
+    t0 = time.perf_counter()
+    d = multihost.global_digests([("pytree", p) for p in params] + [("pytree", o) for o in opt_states])
+    self.timings["hash_s"] += time.perf_counter() - t0
+    return d[:len(params)], d[len(params):]
+
+  def _step_digests(self, indices: np.ndarray, batch: dict, step_key: jax.Array, tr: Any) -> dict:
+    """Every digest of step's leaves (the values may span processes: `global_digests`)."""
+    units = [x for block_units in tr.unit_out for x in block_units]
+    items = ([("tensor", np.asarray(indices, np.int64)), ("batch", dict(batch)),
+              ("tensor", tr.loss), ("tensor", tr.grad_norm)]
+             + [("tensor", x) for x in (*tr.fwd_out, *tr.bwd_in, *tr.sq_norm_partials, *units)])
+    d = multihost.global_digests(items) if self.multi else [
+        hashing.hash_batch(v) if kind == "batch" else hashing.hash_array(v) for kind, v in items]
+    k_count = self.grid.num_layer_blocks
+    blocks = d[4:]
+    return {
+        "indices": d[0], "batch": d[1], "step_key": hashing.hash_key(step_key), "loss": d[2],
+        "grad_norm": d[3],
+        "fwd_out": blocks[:k_count], "bwd_in": blocks[k_count:2 * k_count],
+        "sq_norms": blocks[2 * k_count:3 * k_count], "unit_out": blocks[3 * k_count:],
+    }
+
+  def _step_host_values(self, tr: Any, fetch: Callable) -> dict[str, np.ndarray]:
+    """What the step files hold: small scalars and the stored blocks' boundary tensors."""
+    out = {"loss": fetch(tr.loss), "grad_norm": fetch(tr.grad_norm)}
+    out.update({f"sq_norms/{k}": fetch(p) for k, p in enumerate(tr.sq_norm_partials)})
+    for k in range(self.grid.num_layer_blocks):
+      if self.grid.stores_boundary(k):
+        out[f"fwd_out/{k}"] = fetch(tr.fwd_out[k])
+        out[f"bwd_in/{k}"] = fetch(tr.bwd_in[k])
+    return out
+
   def _record_step(self, step: int, indices: np.ndarray, batch: dict, step_key: jax.Array,
                    tr: Any) -> None:
     t_wait = time.perf_counter()
     # Blocks until the step has been computed: waiting, not recording work.
-    fwd, bwd, partials, loss, g_norm, batch, units = jax.device_get(
-        (tr.fwd_out, tr.bwd_in, tr.sq_norm_partials, tr.loss, tr.grad_norm, dict(batch),
-         tr.unit_out))
+    jax.block_until_ready((tr.fwd_out, tr.bwd_in, tr.sq_norm_partials, tr.loss, tr.grad_norm,
+                           tr.unit_out, dict(batch)))
     t0 = time.perf_counter()
     self.timings["fetch_s"] += t0 - t_wait
-    loss, g_norm = np.asarray(loss), np.asarray(g_norm)
-    indices = np.asarray(indices, np.int64)
-    globals_h = {
-        "indices": hashing.hash_array(indices),
-        "batch": hashing.hash_batch(batch),
-        "step_key": hashing.hash_key(step_key),
-        "loss": hashing.hash_array(loss),
-        "grad_norm": hashing.hash_array(g_norm),
-    }
-    block_h = {
-        "fwd_out": [hashing.hash_array(x) for x in fwd],
-        "bwd_in": [hashing.hash_array(x) for x in bwd],
-        "sq_norms": [hashing.hash_array(x) for x in partials],
-    }
-    unit_h = [hashing.hash_array(x) for block_units in units for x in block_units]
+    digests = self._step_digests(indices, batch, step_key, tr)
     t1 = time.perf_counter()
     self.timings["hash_s"] += t1 - t0
-    k_count = self.grid.num_layer_blocks
-    fwd_file = {"indices": indices, "loss": loss, "grad_norm": g_norm}
-    fwd_file.update({f"sq_norms/{k}": np.asarray(p) for k, p in enumerate(partials)})
-    fwd_file.update({f"fwd_out/{k}": fwd[k] for k in range(k_count) if self.grid.stores_boundary(k)})
-    bwd_file = {f"bwd_in/{k}": bwd[k] for k in range(k_count) if self.grid.stores_boundary(k)}
+    host = self._step_host_values(tr, lambda x: np.asarray(jax.device_get(x)))
+    self.timings["fetch_s"] += time.perf_counter() - t1
+    self._write_step(step, np.asarray(indices, np.int64), host, digests)
+
+  def _write_step(self, step: int, indices: np.ndarray, host: dict, digests: dict) -> None:
+    t1 = time.perf_counter()
+    fwd_file = {"indices": indices}
+    fwd_file.update({k: v for k, v in host.items() if not k.startswith("bwd_in/")})
+    bwd_file = {k: v for k, v in host.items() if k.startswith("bwd_in/")}
     tensorfile.write(step_file(self.workdir, step, "fwd"), fwd_file)
     tensorfile.write(step_file(self.workdir, step, "bwd"), bwd_file)
     self.timings["write_s"] += time.perf_counter() - t1
     for kind in trace.GLOBAL_KINDS:
-      self._append(kind, step, -1, globals_h[kind])
+      self._append(kind, step, -1, digests[kind])
     for kind in trace.BLOCK_KINDS:
-      for k in range(k_count):
-        self._append(kind, step, k, block_h[kind][k])
-    for u, h in zip(self.grid.inner_units, unit_h, strict=True):
+      for k in range(self.grid.num_layer_blocks):
+        self._append(kind, step, k, digests[kind][k])
+    for u, h in zip(self.grid.inner_units, digests["unit_out"], strict=True):
       self._append("unit_out", step, u, h)
 
   def _emit_root(self, step: int) -> None:
@@ -224,7 +281,7 @@ class Recorder:
       return
     jsonio.write_json(path, signing.sign_document(doc, self.key))
 
-  def _commit(self, final_params: list[PyTree]) -> dict:
+  def _commit(self, final_model_hash: bytes) -> dict:
     self.writer.sync()
     if self.writer.size != self.grid.num_leaves:
       raise trace.TraceError(f"trace has {self.writer.size} leaves, the grid needs {self.grid.num_leaves}")
@@ -235,7 +292,7 @@ class Recorder:
         "num_leaves": self.writer.size,
         "grid": self.grid.to_dict(),
         "base_model_hash": self.spec["base_model_hash"],
-        "final_model_hash": hashing.hexdigest(jobspec.model_hash(self.job.blocked, final_params)),
+        "final_model_hash": hashing.hexdigest(final_model_hash),
     }
     doc = signing.sign_document(doc, self.key)
     jsonio.write_json(self.workdir / "commitment.json", doc)

@@ -7,7 +7,7 @@ two small JSON items of our own:
 
 * ``meta``: the caller's JSON metadata (``{}`` when none was given);
 * ``_manifest``: for every item and every array leaf, its path, dtype, shape and
-  BLAKE3 digest of its raw bytes, written in the same atomic step.
+  canonical tensor digest (`hashing.hash_array`; in a run of several processes each hashes its own shards), written in the same atomic step.
 
 Because each item is its own Orbax item, ``restore`` reads only the items asked
 for: a verifier can load one layer block's parameters and optimizer state
@@ -33,26 +33,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import blake3
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from aftune import errors
+from aftune.train import multihost
 
 PyTree = Any
 
 META_ITEM = "meta"
 MANIFEST_ITEM = "_manifest"
 RESERVED_ITEMS = frozenset({META_ITEM, MANIFEST_ITEM})
-MANIFEST_FORMAT = "aftune-checkpoint/v1"
+MANIFEST_FORMAT = "aftune-checkpoint/v2"  # v2: leaf digests are hashing.hash_array
 
 # Orbax's marker of a committed step (orbax.checkpoint._src.path.atomicity_types).
 COMMIT_MARKER = "commit_success.txt"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 _STEP_NAME = re.compile(r"0|[1-9][0-9]*")
-_MULTITHREAD_MIN_BYTES = 1 << 20
 _MAX_LISTED = 8
 
 
@@ -100,20 +99,6 @@ def _listing(names: Any) -> str:
   shown = ", ".join(str(n) for n in names[:_MAX_LISTED])
   more = f", ... ({len(names)} in all)" if len(names) > _MAX_LISTED else ""
   return f"[{shown}{more}]"
-
-
-def _host(leaf: Any) -> np.ndarray:
-  """The leaf's bytes on the host, C-contiguous (a view where possible)."""
-  arr = np.asarray(leaf)
-  # (not np.ascontiguousarray: it turns 0-d arrays into 1-d ones)
-  return arr if arr.flags.c_contiguous else arr.copy(order="C")
-
-
-def _digest(arr: np.ndarray) -> str:
-  threads = blake3.blake3.AUTO if arr.nbytes >= _MULTITHREAD_MIN_BYTES else 1
-  h = blake3.blake3(max_threads=threads)
-  h.update(memoryview(arr.reshape(-1).view(np.uint8)))
-  return h.hexdigest()
 
 
 def _is_array(leaf: Any) -> bool:
@@ -278,28 +263,21 @@ class Checkpointer:
     manifest_items = {}
     to_save = {}
     for name, tree in items.items():
-      leaves = []
-      for path, leaf in _flatten(tree):
+      flat = _flatten(tree)
+      for path, leaf in flat:
         if not _is_array(leaf):
           raise CheckpointError(
             f"{where}: item {name!r} leaf {_fmt_path(path)} is a {type(leaf).__name__}, "
             "not a jax or numpy array (wrap scalars with np.asarray(x, dtype))"
           )
-        try:
-          host = _host(leaf)
-        except Exception as e:  # noqa: BLE001
-          raise CheckpointError(
-            f"{where}: item {name!r} leaf {_fmt_path(path)} cannot be read to the host: {e}"
-          ) from e
-        leaves.append(
-          {
-            "path": list(path),
-            "dtype": str(host.dtype),
-            "shape": list(host.shape),
-            "blake3": _digest(host),
-          }
-        )
-      manifest_items[name] = {"leaves": leaves}
+      try:
+        # The canonical tensor hash, each process hashing the shards it holds.
+        digests = multihost.global_digests([("tensor", leaf) for _, leaf in flat])
+      except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{where}: item {name!r} cannot be hashed: {e}") from e
+      manifest_items[name] = {"leaves": [
+          {"path": list(path), "dtype": str(np.dtype(leaf.dtype)), "shape": list(np.shape(leaf)),
+           "digest": d.hex()} for (path, leaf), d in zip(flat, digests)]}
       if not wait:
         # Orbax may read numpy buffers after save() returns; snapshot them now.
         tree = jax.tree.map(
@@ -421,12 +399,13 @@ class Checkpointer:
           f"{where}: item {name!r} came back with structure "
           f"{jax.tree.structure(tree)}, expected {jax.tree.structure(target)}"
         )
-      for (path, leaf), entry in zip(_flatten(tree), stored[name]["leaves"]):
-        host = _host(leaf)
+      flat = _flatten(tree)
+      digests = multihost.global_digests([("tensor", leaf) for _, leaf in flat])
+      for (path, leaf), entry, d in zip(flat, stored[name]["leaves"], digests):
         if (
-          str(host.dtype) != entry["dtype"]
-          or list(host.shape) != entry["shape"]
-          or _digest(host) != entry["blake3"]
+          str(np.dtype(leaf.dtype)) != entry["dtype"]
+          or list(np.shape(leaf)) != entry["shape"]
+          or d.hex() != entry["digest"]
         ):
           raise CheckpointError(
             f"{where}: item {name!r} leaf {_fmt_path(path)} does not match "

@@ -112,7 +112,9 @@ def restore_state(checkpointer: ckpt_lib.Checkpointer, step: int, job: Any,
   blocks = list(range(job.blocked.num_blocks)) if blocks is None else blocks
   abstract = {f"params_{k}": job.blocked.trainable[k] for k in blocks}
   abstract.update({f"opt_state_{k}": opt0[k] for k in blocks})
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), abstract)
+  placement = getattr(job, "placement", None)
+  abstract = placement.abstract(abstract) if placement else jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), abstract)
   items = checkpointer.restore(step, abstract)
   params = [items[f"params_{k}"] for k in blocks]
   opt_states = [items[f"opt_state_{k}"] for k in blocks]

@@ -6,7 +6,7 @@
 
 Rules (`Placement`):
 - a batch is sharded on its leading (example) axis over both mesh axes;
-- a parameter or optimizer-state leaf (FSDP) is sharded over "fsdp" on its largest axis
+- a parameter or optimizer-state leaf (FSDP) is sharded over "fsdp" on its first axis
   that the fsdp size divides, and replicated over "data"; leaves too small to be worth it
   (< `min_shard_elems`) and scalars are replicated.
 Boundary tensors and gradients follow from jit's sharding propagation; the global
@@ -70,12 +70,13 @@ def force_host_devices(n: int) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
-def force_host_devices_for(spec: Any) -> None:
-  """The same for a job spec (or a bundle manifest's spec) with a committed mesh."""
+def force_host_devices_for(spec: Any, num_processes: int = 1) -> None:
+  """The same for a job spec (or a bundle manifest's spec) with a committed mesh, split over
+  `num_processes` processes."""
   mesh = spec.get("hyperparameters", {}).get("mesh") if isinstance(spec, dict) else None
   shape = mesh.get("shape") if isinstance(mesh, dict) else None
   if isinstance(shape, list) and shape and all(isinstance(d, int) and 0 < d <= 4096 for d in shape):
-    force_host_devices(math.prod(shape))
+    force_host_devices(max(1, math.prod(shape) // max(1, num_processes)))
 
 
 def spec_from_sheet(config: Any) -> MeshSpec | None:
@@ -109,9 +110,9 @@ class Placement:
   def leaf_sharding(self, x: Any) -> NamedSharding:
     shape = np.shape(x)
     if self.fsdp > 1 and math.prod(shape) >= self.spec.min_shard_elems:
-      # The largest axis the fsdp size divides (the first one among equals).
-      axes = sorted((i for i, d in enumerate(shape) if d % self.fsdp == 0),
-                    key=lambda i: (-shape[i], i))
+      # The first axis the fsdp size divides: a split of the rows leaves each host whole
+      # rows, which it hashes without the others' (crypto/shards.py).
+      axes = [i for i, d in enumerate(shape) if d % self.fsdp == 0]
       if axes:
         parts = [None] * len(shape)
         parts[axes[0]] = "fsdp"
@@ -120,7 +121,13 @@ class Placement:
 
   def state(self, tree: PyTree) -> PyTree:
     """Parameters or optimizer state, placed by the FSDP rule."""
-    return jax.tree.map(lambda x: jax.device_put(x, self.leaf_sharding(x)), tree)
+    return jax.tree.map(lambda x: _put(x, self.leaf_sharding(x)), tree)
+
+  def abstract(self, tree: PyTree) -> PyTree:
+    """ShapeDtypeStructs with the rule's shardings (restore targets: Orbax reads each
+    process's shards straight onto its devices)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                                       sharding=self.leaf_sharding(x)), tree)
 
   def batch(self, batch: dict[str, Any]) -> dict[str, Any]:
     """Batch fields sharded on the example axis over every mesh axis."""
@@ -130,12 +137,22 @@ class Placement:
       if np.shape(v)[0] % n:
         raise errors.ConfigError(f"batch field {k!r} has {np.shape(v)[0]} examples, not a multiple "
                                  f"of the {n} devices of the mesh")
-      out[k] = jax.device_put(v, NamedSharding(self.mesh, P(self.spec.axes)))
+      out[k] = _put(v, NamedSharding(self.mesh, P(self.spec.axes)))
     return out
 
   def boundary(self, x: Any) -> Any:
     """A boundary tensor (activation or cotangent) as the training step leaves it: sharded on
     its leading (example) axis; a scalar (the loss, its cotangent) replicated."""
     if np.ndim(x) == 0 or np.shape(x)[0] % self.spec.size:
-      return jax.device_put(x, NamedSharding(self.mesh, P()))
-    return jax.device_put(x, NamedSharding(self.mesh, P(self.spec.axes)))
+      return _put(x, NamedSharding(self.mesh, P()))
+    return _put(x, NamedSharding(self.mesh, P(self.spec.axes)))
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+  """`jax.device_put`; with several processes a value held whole on this host (the same on
+  every process: base weights, the batch) goes through numpy, each process placing its rows."""
+  if jax.process_count() > 1 and not (isinstance(x, jax.Array) and not x.is_fully_addressable):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.device_put(x, sharding)
+    x = np.asarray(x)
+  return jax.device_put(x, sharding)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from aftune.train import checkpoint as ckpt_lib
 from aftune.train import job as job_lib
 from aftune.train import loop
 from aftune.train import mesh as mesh_lib
+from aftune.train import multihost
 from aftune.train import optim
 
 PyTree = Any
@@ -73,9 +75,10 @@ class _Progress:
     return f"{rate:.2f} steps/s, ETA {eta:.0f}s", rate
 
 
-def apply_platform(config: ml_collections.ConfigDict) -> None:
+def apply_platform(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
   """The run sheet's platform settings, applied before JAX starts (or already in effect):
-  the intra-op pool size and the GPU determinism flags (committed in the job spec)."""
+  the intra-op pool size and the GPU determinism flags (committed in the job spec); on the
+  CPU, a mesh's host devices (its size over the processes of the run)."""
   platform = config.get("platform", {})
   threads = int(platform.get("intra_op_threads", 0))
   if threads:
@@ -86,7 +89,10 @@ def apply_platform(config: ml_collections.ConfigDict) -> None:
     platform_flags.apply(platform_flags.gpu_flags(deterministic=deterministic, autotune=autotune))
   mesh = mesh_lib.spec_from_sheet(config)
   if mesh is not None:  # a mesh on the CPU needs that many host devices
-    mesh_lib.force_host_devices(mesh.size)
+    if mesh.size % num_processes:
+      raise errors.ConfigError(f"a mesh of {mesh.size} devices cannot be split over "
+                               f"{num_processes} processes")
+    mesh_lib.force_host_devices(mesh.size // num_processes)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
@@ -114,9 +120,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                               "unaudited baseline); set --config.record=False")
   # Bad input (a corrupt example, a wrong checkpoint) fails here, before anything is written.
   job = job or job_lib.build_job(config)
+  primary = multihost.is_primary()  # with several processes, only process 0 writes files
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_or_write_config(workdir, config)
-  jsonio.write_json(workdir / "provenance.json", provenance.provenance())
+  if primary:
+    _check_or_write_config(workdir, config)
+    jsonio.write_json(workdir / "provenance.json", provenance.provenance())
+  multihost.barrier("aftune-config")  # a refused workdir stops the others before they touch it
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints")
   latest = checkpointer.latest_step()
   start = latest or 0
@@ -136,7 +145,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     if observer is not None:
       observer.before_checkpoint(0)
     loop.save_state(checkpointer, loop.TrainState(0, params, opt_states))
-  _truncate_metrics(workdir / "metrics.jsonl", start)
+  if primary:
+    _truncate_metrics(workdir / "metrics.jsonl", start)
   n_trainable = sum(job_lib.count_params(p) for p in params)
   n_total = n_trainable + sum(job_lib.count_params(f) for f in job.blocked.frozen)
   logging.info("model %s: %d params (%d trainable) in %d layer blocks; %d steps of batch %d",
@@ -146,7 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   progress = _Progress(start, job.num_steps)
   losses: list[float] = []
   pending: list[tuple[int, Any, Any]] = []  # (step, loss, grad_norm) still on device
-  metrics_f = open(workdir / "metrics.jsonl", "a")
+  metrics_f = open(workdir / "metrics.jsonl" if primary else os.devnull, "a")
 
   def drain(keep: int) -> None:
     # Reading a loss blocks on its step, so read it one step late: the next step is
