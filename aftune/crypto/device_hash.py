@@ -13,7 +13,10 @@ exactly ``hashing.hash_array(x)``: BLAKE3 (hash mode, no key, 32-byte output) of
     || u64le(len(dtype name)) || dtype name || u64le(rank) || u64le(dim)*
     || the tensor's little-endian C-order bytes
 
-(``digest_bytes(x)`` is the same as host ``bytes``.) The prefix and header depend
+(``digest_bytes(x)`` is the same as host ``bytes``); a tensor over
+``hashing.CHUNK_BYTES`` takes the tree form (docs/hashing.md, "Large tensors"): each
+chunk's leaf digest is computed here and only those 32-byte leaves go to the host for the
+small tree above them (outside jit only). The prefix and header depend
 only on dtype and shape, so they are computed on the host at trace time and
 enter the program as a constant; the data bytes are produced on the device
 (bit-cast to the unsigned integer of the same width, then split into bytes by

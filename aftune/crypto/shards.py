@@ -8,8 +8,9 @@ them into a few subtree digests (`TensorPart`) without seeing the other rows; an
 merges the parts (`merge`) into the digest of the whole.
 
 Which process hashes what is decided from the sharding alone, so every process agrees
-without talking: a chunk is hashed by the lowest-numbered process whose devices hold all of
-its rows (whole rows: every trailing axis unsplit). A small (flat-form) tensor is hashed by
+without talking: a chunk is hashed by a process whose devices hold all of its rows (whole
+rows: every trailing axis unsplit); where several do (replicated rows), chunk j of n goes to
+the (j * holders // n)-th of them, so they share the work in contiguous runs. A small (flat-form) tensor is hashed by
 the lowest process that holds all of it. Where no process holds a chunk whole (a split of
 a trailing axis, or a row split that cuts a chunk), `needs_regroup` says so and the caller
 first re-lays the array out by rows (`row_layout`); that is a collective, so in a run of
@@ -124,8 +125,8 @@ def _owners(x: jax.Array) -> tuple[dict[int, list[int]], int | None, bool]:
   for j in range(n):
     lo, hi = j * rows, min((j + 1) * rows, n_rows)
     who = [p for p in sorted(holdings) if any(a <= lo and hi <= b for a, b in holdings[p])]
-    if who:
-      owners.setdefault(who[0], []).append(j)
+    if who:  # several holders (replicated rows): they take contiguous shares of the chunks
+      owners.setdefault(who[j * len(who) // n], []).append(j)
     else:
       complete = False
   return owners, rows, complete
