@@ -93,7 +93,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, 1)
   c.mesh.axes = ("data", "fsdp")
-  c.mesh.min_shard_elems = 1024  # smaller parameter leaves are replicated
+  c.mesh.min_shard_elems = 16384  # smaller leaves are replicated (64 KiB of float32: the
+  # larger ones hash in the tree form, each host its own rows; docs/hashing.md)
 
   if variant == "tiny":
     pass
@@ -106,6 +107,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 2
   elif variant == "tiny_fsdp":
     c.mesh.shape = (1, 4)  # FSDP over 4 CPU devices: parameters and optimizer state sharded
+    # Every state stored: a run over several processes is opened without regeneration
+    # (a replay is bitwise only over the same processes; docs/sharding.md).
+    c.audit.checkpoint_interval = 1
   elif variant == "small50m":
     c.model.hidden_size = 512
     c.model.intermediate_size = 1408

@@ -28,15 +28,15 @@ from aftune.train import multihost  # noqa: E402
 
 
 def arrays():
-  """Logical arrays (the same on every process): tree form with 1, 3 and 8 chunks per shard
-  choice, flat form, 0-d, bfloat16, a row size above CHUNK_BYTES."""
+  """Logical arrays (the same on every process): several tree forms (chunks of 64, 128, 256
+  and 1 rows), the flat form, 0-d, bfloat16, a row larger than CHUNK_BYTES."""
   rng = np.random.default_rng(7)
   return {
-      "f32_2048x256": rng.standard_normal((2048, 256), np.float32),     # 2 MiB: 2 chunks
-      "f32_4096x80": rng.standard_normal((4096, 80), np.float32),       # 1.25 MiB, c=2048
+      "f32_2048x256": rng.standard_normal((2048, 256), np.float32),     # 32 chunks of 64 rows
+      "f32_4096x80": rng.standard_normal((4096, 80), np.float32),       # 32 chunks of 128 rows
       "bf16_8192x96": rng.standard_normal((8192, 96)).astype(jax.numpy.bfloat16),
-      "i32_16x3x8192x2": rng.integers(0, 99, (16, 3, 8192, 2)).astype(np.int32),  # c=4 rows
-      "f32_8x300000": rng.standard_normal((8, 300000), np.float32),     # a row > 1 MiB: c=1
+      "i32_16x3x8192x2": rng.integers(0, 99, (16, 3, 8192, 2)).astype(np.int32),  # a row is 192 KiB: c=1
+      "f32_8x300000": rng.standard_normal((8, 300000), np.float32),     # a row is 1.2 MB: c=1
       "f32_64x64": rng.standard_normal((64, 64), np.float32),           # flat form
       "f32_scalar": np.asarray(np.float32(2.5)),
   }

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+# One worker runs the whole module: its tests share the expensive fixture (pytest.ini).
+pytestmark = pytest.mark.xdist_group("sharding")
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -43,7 +43,7 @@ TAG_TENSOR_NODE = b"aftune/v1/tensor-node"
 
 # Tensors larger than this are hashed in the tree form (row chunks of at most this many
 # bytes under a Merkle tree), so that a host can hash the rows it holds without the rest.
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 16
 
 # BLAKE3 output does not depend on the thread count (it is a fixed tree hash),
 # so threading is purely a speed choice. Measured on 2 x86 cores (blake3

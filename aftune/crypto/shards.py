@@ -154,7 +154,35 @@ def row_layout(x: jax.Array) -> jax.Array:
     target = NamedSharding(mesh, P(tuple(mesh.axis_names)))
   else:
     target = NamedSharding(mesh, P())
-  return jax.device_put(x, target)
+  # Waited for: on host devices, a process that runs ahead into the next re-layout while this
+  # one is still in flight can interleave the two collectives differently from the others
+  # and hang (seen with 2 processes x 2 CPU devices and gloo).
+  return jax.block_until_ready(jax.device_put(x, target))
+
+
+def writer_rows(x: Any) -> list[tuple[int, np.ndarray]]:
+  """(first row, rows) runs of `x` that this process stores: the rows it holds whole and no
+  lower-numbered process does (all of `x` on one process). Every row must be held whole by
+  some process (`needs_regroup` False). Only this process's shards are copied."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:  # held whole here: process 0 writes
+    if jax.process_index() != 0:
+      return []
+    return [(0, _fetch(x) if isinstance(x, jax.Array) else np.asarray(x))]
+  holdings = _holdings(x)
+  me = jax.process_index()
+  taken: list[tuple[int, int]] = [r for p in sorted(holdings) if p < me for r in holdings[p]]
+  out = []
+  for lo, hi in holdings.get(me, []):
+    at = lo
+    for a, b in sorted(taken):  # subtract the rows lower processes write
+      if b <= at or a >= hi:
+        continue
+      if a > at:
+        out.append((at, _local_rows(x, at, a)))
+      at = max(at, b)
+    if at < hi:
+      out.append((at, _local_rows(x, at, hi)))
+  return out
 
 
 def _local_rows(x: jax.Array, lo: int, hi: int) -> np.ndarray:

@@ -17,7 +17,6 @@ from aftune.crypto import merkle
 from aftune.record import commitment as commitment_lib
 from aftune.record import layout as trace
 from aftune.record import recorder
-from aftune.record import tensorfile
 
 
 def load_leaves(workdir: str | Path, commitment: dict[str, Any]) -> tuple[trace.Grid, list[trace.Leaf]]:
@@ -68,8 +67,8 @@ def check_workdir(workdir: str | Path, *, tensors: bool = True) -> dict[str, Any
   if tensors:
     payload = {(l.kind, l.step, l.block): l.payload for l in leaves}
     for t in range(grid.num_steps):
-      fwd = tensorfile.read(recorder.step_file(workdir, t, "fwd"))
-      bwd = tensorfile.read(recorder.step_file(workdir, t, "bwd"))
+      fwd = recorder.read_step(workdir, t, "fwd")
+      bwd = recorder.read_step(workdir, t, "bwd")
       checks = [("indices", -1, fwd["indices"]), ("loss", -1, fwd["loss"]),
                 ("grad_norm", -1, fwd["grad_norm"])]
       checks += [("sq_norms", k, fwd[f"sq_norms/{k}"]) for k in range(grid.num_layer_blocks)]

@@ -10,6 +10,9 @@ Workdir layout written here:
   trace/steps/<t>.fwd.safetensors.zst   indices, loss, grad norm, per-block norm partials,
                                         fwd_out[k] for stored blocks (every I_A)
   trace/steps/<t>.bwd.safetensors.zst   bwd_in[k] for stored blocks
+  trace/steps/<t>.{fwd,bwd}.p<i>.safetensors.zst   with several processes: process i's rows
+                                        of those boundary tensors, as `name@first_row` (each
+                                        process writes its own shards; `read_step` joins them)
   trace/roots/<t>.json      signed root of the leaves before step t (every checkpoint)
   commitment.json           the signed commitment: job id, root, counts, grid
   storage.json              bytes stored per category
@@ -30,6 +33,7 @@ from absl import logging
 
 from aftune import jsonio
 from aftune.crypto import hashing
+from aftune.crypto import shards
 from aftune.crypto import signing
 from aftune.record import commitment as commitment_lib
 from aftune.record import jobspec
@@ -43,6 +47,41 @@ PyTree = Any
 
 def step_file(workdir: Path, step: int, direction: str) -> Path:
   return Path(workdir) / "trace" / "steps" / f"{step:08d}.{direction}{tensorfile.SUFFIX}"
+
+
+def process_step_files(workdir: Path, step: int, direction: str) -> list[Path]:
+  """The per-process files of a step recorded by several processes (each holds its rows)."""
+  d = Path(workdir) / "trace" / "steps"
+  return sorted(d.glob(f"{step:08d}.{direction}.p*{tensorfile.SUFFIX}"))
+
+
+def read_step(workdir: Path, step: int, direction: str) -> dict[str, np.ndarray]:
+  """A step file's tensors; with several processes, each boundary tensor is assembled from
+  the row runs `name@first_row` that each process wrote of its own shards."""
+  out = tensorfile.read(step_file(workdir, step, direction))
+  pieces: dict[str, list[tuple[int, np.ndarray, Path]]] = {}
+  for f in process_step_files(workdir, step, direction):
+    for name, arr in tensorfile.read(f).items():
+      base, _, lo = name.rpartition("@")
+      if not base or not lo.isdigit():
+        raise trace.TraceError(f"{f}: tensor {name!r} is not a row run name@first_row")
+      pieces.setdefault(base, []).append((int(lo), arr, f))
+  for base, runs in pieces.items():
+    runs.sort(key=lambda r: r[0])
+    if len(runs) == 1 and runs[0][0] == 0:  # held whole by one process (e.g. the loss)
+      out[base] = runs[0][1]
+      continue
+    at = 0
+    for lo, arr, f in runs:
+      if lo != at or arr.ndim == 0 or arr.shape[1:] != runs[0][1].shape[1:]:
+        raise trace.TraceError(f"{f}: rows of {base!r} from {lo} do not continue the runs "
+                               f"of the other processes (expected row {at})")
+      at += arr.shape[0]
+    if base in out:
+      raise trace.TraceError(f"{step_file(workdir, step, direction)}: {base!r} is both whole "
+                             "and in per-process row runs")
+    out[base] = np.concatenate([r[1] for r in runs])
+  return out
 
 
 def load_or_create_key(path: Path):
@@ -116,9 +155,11 @@ class Recorder:
       t0 = time.perf_counter()
       digests = self._step_digests(indices, batch, step_key, tr)
       t1 = time.perf_counter()
-      host = self._step_host_values(tr, multihost.host_value)  # the stored rows, gathered
+      host = self._step_host_values(tr, multihost.host_value, boundaries=False)  # scalars
+      rows = self._own_rows(tr)  # this process's rows of the stored boundary tensors
       self.timings["hash_s"] += t1 - t0
       self.timings["fetch_s"] += time.perf_counter() - t1
+      self._put(self._write_rows, step, rows)
       self._put_primary(self._write_step, step, np.asarray(indices, np.int64), host, digests)
     else:
       self._put(self._record_step, step, indices, batch, step_key, tr)
@@ -223,12 +264,12 @@ class Recorder:
         "sq_norms": blocks[2 * k_count:3 * k_count], "unit_out": blocks[3 * k_count:],
     }
 
-  def _step_host_values(self, tr: Any, fetch: Callable) -> dict[str, np.ndarray]:
+  def _step_host_values(self, tr: Any, fetch: Callable, boundaries: bool = True) -> dict:
     """What the step files hold: small scalars and the stored blocks' boundary tensors."""
     out = {"loss": fetch(tr.loss), "grad_norm": fetch(tr.grad_norm)}
     out.update({f"sq_norms/{k}": fetch(p) for k, p in enumerate(tr.sq_norm_partials)})
     for k in range(self.grid.num_layer_blocks):
-      if self.grid.stores_boundary(k):
+      if boundaries and self.grid.stores_boundary(k):
         out[f"fwd_out/{k}"] = fetch(tr.fwd_out[k])
         out[f"bwd_in/{k}"] = fetch(tr.bwd_in[k])
     return out
@@ -247,6 +288,28 @@ class Recorder:
     host = self._step_host_values(tr, lambda x: np.asarray(jax.device_get(x)))
     self.timings["fetch_s"] += time.perf_counter() - t1
     self._write_step(step, np.asarray(indices, np.int64), host, digests)
+
+  def _own_rows(self, tr: Any) -> dict[str, dict[str, np.ndarray]]:
+    """Per direction, `name@first_row` -> the rows of each stored boundary tensor that this
+    process writes (the rows it holds and no lower process does; `shards.writer_rows`)."""
+    out: dict[str, dict[str, np.ndarray]] = {"fwd": {}, "bwd": {}}
+    for k in range(self.grid.num_layer_blocks):
+      if self.grid.stores_boundary(k):
+        for direction, name, x in (("fwd", f"fwd_out/{k}", tr.fwd_out[k]),
+                                   ("bwd", f"bwd_in/{k}", tr.bwd_in[k])):
+          if shards.needs_regroup(x):  # a collective, on the training thread of every process
+            x = shards.row_layout(x)
+          for lo, rows in shards.writer_rows(x):
+            out[direction][f"{name}@{lo}"] = rows
+    return out
+
+  def _write_rows(self, step: int, rows: dict[str, dict[str, np.ndarray]]) -> None:
+    t0 = time.perf_counter()
+    for direction, tensors in rows.items():
+      path = step_file(self.workdir, step, direction)
+      path = path.with_name(path.name.replace(f".{direction}.", f".{direction}.p{jax.process_index()}."))
+      tensorfile.write(path, tensors)
+    self.timings["write_s"] += time.perf_counter() - t0
 
   def _write_step(self, step: int, indices: np.ndarray, host: dict, digests: dict) -> None:
     t1 = time.perf_counter()

@@ -45,7 +45,7 @@ class MeshSpec:
   """The committed description of a mesh (job spec `hyperparameters.mesh`)."""
   shape: tuple[int, ...]
   axes: tuple[str, ...] = AXES
-  min_shard_elems: int = 1024
+  min_shard_elems: int = 16384
 
   @property
   def size(self) -> int:
@@ -89,7 +89,7 @@ def spec_from_sheet(config: Any) -> MeshSpec | None:
   if len(shape) != len(axes) or set(axes) != set(AXES) or min(shape) < 1:
     raise errors.ConfigError(f"mesh.shape {list(shape)} / mesh.axes {list(axes)}: give one size "
                              f"per axis of {AXES}")
-  spec = MeshSpec(shape, axes, int(m.get("min_shard_elems", 1024)))
+  spec = MeshSpec(shape, axes, int(m.get("min_shard_elems", 16384)))
   return spec if spec.size > 1 else None
 
 
