@@ -57,6 +57,9 @@ _TRAINING_COMMITMENT = flags.DEFINE_string(
 _ALLOW_UNBOUND = flags.DEFINE_bool("allow_unbound", False, "Give a verdict without the inputs "
                                    "that bind it; the verdict names what it did not check.")
 _OUT = flags.DEFINE_string("out", "verdict.json", "Verdict JSON; the report goes beside it (.md).")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Verifier processes to spread the cells over "
+                                "(parallel audits of a one-process job; the verdict is the same).",
+                                lower_bound=1)
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 when the verifier "
                                    "runs as several processes, as the job did (exact replays of a "
                                    "multi-process run); default $JAX_COORDINATOR_ADDRESS.")
@@ -127,7 +130,7 @@ def _verify():
         u.split(":")[0] for u in loose) + ". Pass them, or --allow_unbound for a verdict that "
         "names what it did not check")
   return audit, audit.verify_openings(paths, commitment=commitment, mode=_MODE.value,
-                                      tolerances=_tolerances(), **inputs)
+                                      tolerances=_tolerances(), workers=_WORKERS.value, **inputs)
 
 
 def main(argv):

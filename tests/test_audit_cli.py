@@ -14,6 +14,8 @@ from aftune.train import job as job_lib
 from aftune.train import trainer as train
 
 ROOT = Path(__file__).resolve().parent.parent
+# One worker runs the whole module: its tests share the expensive fixture (pytest.ini).
+pytestmark = pytest.mark.xdist_group("audit_cli")
 
 
 def _run(*args):
@@ -121,3 +123,38 @@ def test_challenge_cli_refuses_a_forged_commitment(audited, tmp_path):
   r = _run("experiments.challenge", "--commitment", str(tmp_path / "c.json"), "--out",
            str(tmp_path / "ch.json"))
   assert r.returncode == 2 and "signature" in r.stderr
+
+
+def _comparable(verdict):
+  """A verdict without what depends on where and when it ran (timings)."""
+  out = {k: v for k, v in verdict.items() if k != "verify_s"}
+  out["cells"] = [{k: v for k, v in c.items() if k not in ("auth_s", "replay_s")}
+                  for c in verdict["cells"]]
+  return out
+
+
+def test_parallel_audit_gives_the_same_verdict(audited, tmp_path):
+  base, _ = audited
+  r = _verify(base, base / "bundles", f"--out={tmp_path / 'one.json'}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  r = _verify(base, base / "bundles", f"--out={tmp_path / 'three.json'}", "--workers=3")
+  assert r.returncode == 0, r.stderr[-2000:]
+  one, three = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "three"))
+  assert len(one["cells"]) > 3 and _comparable(one) == _comparable(three)
+  # A failing cell and a damaged bundle are judged the same way when the cells are spread.
+  bundles = tmp_path / "bundles"
+  shutil.copytree(base / "bundles", bundles)
+  path = sorted(bundles.glob("*.bundle"))[1]
+  b = bundle_lib.read_bundle(path)
+  name = next(n for n in b.tensors if n.startswith("state/start/params/"))
+  b.tensors[name] = b.tensors[name] + 1e-3
+  path.unlink()
+  bundle_lib.write_bundle(path, b)
+  r = _verify(base, bundles, f"--out={tmp_path / 'bad.json'}", "--workers=2")
+  assert r.returncode == 1, r.stderr[-2000:]
+  bad = json.loads((tmp_path / "bad.json").read_text())
+  assert [c["passed"] for c in bad["cells"]].count(False) == 1
+  sorted(bundles.glob("*.bundle"))[-1].write_bytes(b"hello")
+  r = _verify(base, bundles, f"--out={tmp_path / 'worse.json'}", "--workers=2")
+  assert r.returncode == 2 and sorted(bundles.glob("*.bundle"))[-1].name in r.stderr
+  assert not (tmp_path / "worse.json").exists()

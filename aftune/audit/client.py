@@ -9,6 +9,8 @@ The roles exchange files only:
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
                     expected_model_hash: str | None = None,
                     request: dict[str, Any] | None = None,
                     training_commitment: dict[str, Any] | None = None,
-                    response: dict[str, Any] | None = None) -> dict[str, Any]:
+                    response: dict[str, Any] | None = None, workers: int = 1) -> dict[str, Any]:
   """Verifies every bundle (training or inference cells) and assembles the verdict.
 
   Args:
@@ -70,6 +72,8 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
     training_commitment: inference: the signed commitment of the training whose final
       model was promised (its end state is checked against the served weights), or None.
     response: inference: the response the client received (schemas.RESPONSE), or None.
+    workers: verifier processes the cells are spread over (the verdict does not depend on
+      it, timings aside).
 
   Returns:
     The verdict document; `unchecked` names everything the client did not supply (a
@@ -87,26 +91,26 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
     if expected_model_hash != training_commitment["final_model_hash"]:
       raise core.AuditInputError("the promised model hash is not the training commitment's final "
                                  "model")
-  reports = []
+  args = dict(commitment=commitment, challenge=challenge, agreed=agreed, mode=mode,
+              tolerances=tolerances, expected_model_hash=expected_model_hash, request=request,
+              training_commitment=training_commitment, response=response)
+  paths = sorted((str(p) for p in bundle_paths))
+  if workers > 1 and len(paths) > 1:
+    # Parallel audits: the cells spread round-robin over fresh verifier processes, each a
+    # whole one-process verifier (a cell's replay is the same wherever it runs).
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(paths)), mp_context=ctx) as pool:
+      parts = list(pool.map(_verify_shard, [(paths[i::workers], args) for i in range(workers)]))
+  else:
+    parts = [_verify_shard((paths, args))]
+  reports = [(path, core.CellReport(**r)) for part in parts for path, r in part]
   seen = set()
-  for path in bundle_paths:
-    b = bundle_lib.read_bundle(path, schema=lambda m: _tensor_schema(m, commitment))
-    if b.is_inference != inference:
-      kind = lambda inf: "an inference" if inf else "a training"
-      raise core.AuditInputError(f"{path}: {kind(b.is_inference)} bundle, but the commitment is "
-                                 f"{kind(inference)} commitment")
-    if b.cell in seen:
-      raise core.AuditInputError(f"{path}: a second bundle for cell {b.cell}")
-    seen.add(b.cell)
-    if b.is_inference:
-      reports.append(infer_verifier.verify_inference_bundle(
-          b, commitment=commitment, expected_model_hash=expected_model_hash,
-          expected_model_config=agreed["hyperparameters"]["model"] if agreed else None,
-          expected_request=request, training_commitment=training_commitment, response=response,
-          challenge=challenge, mode=mode, tolerances=tolerances))
-    else:
-      reports.append(train_verifier.verify_bundle(b, commitment=commitment, agreed=agreed,
-                                            challenge=challenge, mode=mode, tolerances=tolerances))
+  for path, r in sorted(reports, key=lambda pr: pr[0]):
+    cell = (r.layer_block, r.step_block)
+    if cell in seen:
+      raise core.AuditInputError(f"{path}: a second bundle for cell {cell}")
+    seen.add(cell)
+  reports = [r for _, r in reports]
   missing = []
   if challenge is not None:
     missing = sorted(tuple(c) for c in challenge.cells if tuple(c) not in seen)
@@ -137,6 +141,33 @@ def verify_openings(bundle_paths: Sequence[str | Path], *, commitment: dict[str,
       "verifier_environment": provenance.environment_manifest(),
   }
   return verdict
+
+
+def _verify_shard(work: tuple[list[str], dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+  """Verifies some bundles; (path, cell report) each. Runs in a worker process too."""
+  paths, a = work
+  inference = commitment_lib.is_inference(a["commitment"])
+  out = []
+  for path in paths:
+    b = bundle_lib.read_bundle(path, schema=lambda m: _tensor_schema(m, a["commitment"]))
+    if b.is_inference != inference:
+      kind = lambda inf: "an inference" if inf else "a training"
+      raise core.AuditInputError(f"{path}: {kind(b.is_inference)} bundle, but the commitment is "
+                                 f"{kind(inference)} commitment")
+    if b.is_inference:
+      agreed = a["agreed"]
+      r = infer_verifier.verify_inference_bundle(
+          b, commitment=a["commitment"], expected_model_hash=a["expected_model_hash"],
+          expected_model_config=agreed["hyperparameters"]["model"] if agreed else None,
+          expected_request=a["request"], training_commitment=a["training_commitment"],
+          response=a["response"], challenge=a["challenge"], mode=a["mode"],
+          tolerances=a["tolerances"])
+    else:
+      r = train_verifier.verify_bundle(b, commitment=a["commitment"], agreed=a["agreed"],
+                                       challenge=a["challenge"], mode=a["mode"],
+                                       tolerances=a["tolerances"])
+    out.append((str(path), r.to_json()))
+  return out
 
 
 def _tensor_schema(manifest: dict[str, Any], commitment: dict[str, Any]):
