@@ -24,14 +24,15 @@ from aftune.crypto import hashing  # noqa: E402
 from aftune.train import mesh as mesh_lib  # noqa: E402
 from aftune.train import trainer  # noqa: E402
 
-LAYOUTS = {"one": None, "fsdp": (1, 4), "both": (2, 2)}  # data parallel: "both" (2 x 2)
+# data parallel: "both" (2 x 2); "tp": FSDP x tensor parallel (1 x 2 x 2)
+LAYOUTS = {"one": None, "fsdp": (1, 4), "both": (2, 2), "tp": (1, 2, 2)}
 
 
 def config(shape, **over):
   c = make_small_config(num_steps=8, **{"audit.steps_per_block": 2, "audit.checkpoint_interval": 1,
                                         **over})
   if shape:
-    c.mesh = {"shape": shape, "axes": ("data", "fsdp")}
+    c.mesh = {"shape": shape, "axes": ("data", "fsdp", "tensor")[:len(shape)]}
   return c
 
 
@@ -72,6 +73,10 @@ def main():
       result[name] = {
           "losses": [float(v) for v in r.losses], "base": com["base_model_hash"],
           "final": com["final_model_hash"], "mesh": spec["hyperparameters"].get("mesh"),
+          "tensor_split": sorted(
+              "/".join(hashing.path_components(path)) for path, leaf in
+              jax.tree_util.tree_flatten_with_path(r.job.blocked.trainable)[0]
+              if "tensor" in getattr(leaf.sharding, "spec", ())),
           "exact": verify(w, all_cells if name == "fsdp" else [(0, 1), (2, 3)], "exact"),
           "tolerance": verify(w, [(1, 2)], "tolerance")}
     w = root / "fsdp_sparse"

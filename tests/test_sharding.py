@@ -36,17 +36,23 @@ def test_layouts_train_the_same_job_and_hash_logical_arrays(trained):
   _, r = trained
   assert r["devices"] == 4 and r["layout_hashes_equal"]
   one = r["one"]
-  for name, shape in (("fsdp", [1, 4]), ("both", [2, 2])):
-    assert r[name]["mesh"]["shape"] == shape and r[name]["mesh"]["rules"] == "fsdp"
+  for name, shape, rules in (("fsdp", [1, 4], "fsdp"), ("both", [2, 2], "fsdp"),
+                             ("tp", [1, 2, 2], "fsdp+tensor")):
+    assert r[name]["mesh"]["shape"] == shape and r[name]["mesh"]["rules"] == rules
     assert r[name]["base"] == one["base"]  # the same base model, whatever the layout
     # sums over sharded axes change the order: close, not bitwise (docs/sharding.md)
     assert max(abs(a - b) for a, b in zip(r[name]["losses"], one["losses"])) < 1e-4
   assert one["mesh"] is None
+  # Tensor parallel: the family's rules split every attention and MLP projection, nothing else.
+  split = r["tp"]["tensor_split"]
+  assert split and all(any(p in s for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                            "up_proj", "down_proj")) for s in split), split
+  assert not r["fsdp"]["tensor_split"]
 
 
 def test_exact_replay_on_the_committed_mesh_is_bitwise(trained):
   _, r = trained
-  for name in ("one", "fsdp", "both"):
+  for name in ("one", "fsdp", "both", "tp"):
     for cell, (passed, check, reason, _) in r[name]["exact"].items():
       assert passed, (name, cell, check, reason)
   assert len(r["fsdp"]["exact"]) == 12  # every cell of the FSDP run
@@ -56,7 +62,7 @@ def test_exact_replay_on_the_committed_mesh_is_bitwise(trained):
 
 def test_tolerance_replays_across_layouts_and_exact_needs_the_mesh(trained):
   root, r = trained
-  for name in ("fsdp", "both"):
+  for name in ("fsdp", "both", "tp"):
     assert all(v[0] for v in r[name]["tolerance"].values()), r[name]["tolerance"]
   fewer = run(2, root, "verify_fewer")
   assert fewer["error"] and "committed mesh" in fewer["error"] and "tolerance" in fewer["error"]

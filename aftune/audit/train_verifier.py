@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aftune import errors
 from aftune.audit import bundle as bundle_lib
 from aftune.audit import challenge_doc
 from aftune.audit import core
@@ -149,7 +150,12 @@ def _placement(spec: dict[str, Any], mode: str) -> mesh_lib.Placement | None:
         f"exact mode replays this job on its committed mesh {dict(zip(mesh_spec.axes, mesh_spec.shape))} "
         f"({mesh_spec.size} devices); this verifier has {jax.device_count()}: run it with that "
         "many devices or use --mode=tolerance")
-  return mesh_lib.Placement(mesh_spec)
+  model = spec.get("hyperparameters", {}).get("model")
+  try:
+    fam = family.get(model.get("arch") if isinstance(model, dict) else None)
+    return mesh_lib.Placement(mesh_spec, tensor_rules=getattr(fam, "TENSOR_PARALLEL", ()))
+  except errors.InputError as e:
+    raise core.AuditInputError(f"the job spec's mesh: {e}") from None
 
 
 def _leaf(leaves, kind, t, j, chk) -> bytes:

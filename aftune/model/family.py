@@ -35,6 +35,8 @@ Optional:
   TRAIN_STATE: nnx filter                   non-parameter state a training forward updates
                                             (BatchNorm statistics; `train/step.py`)
   inference_context() -> ctx                the context of inference (image families)
+  TENSOR_PARALLEL: ((path regex, axis), ...) which parameters a mesh's "tensor" axis splits,
+                                            and along which axis (`train/mesh.py`)
 
 The vision families (`vit.py`, `resnet.py`) share `vision.py`: their batch holds the
 stored images and labels, and the first unit crops, flips and normalises in-graph.

@@ -437,6 +437,16 @@ ARCHS = ("llama", "qwen2", "qwen3")
 MODALITY = "text"
 INPUT_KEY = "tokens"  # block 0 reads token ids [B,T]
 BATCH_KEYS = order.BATCH_KEYS
+# Tensor parallelism (train/mesh.py; a mesh with a "tensor" axis): parameter path pattern ->
+# the axis split over "tensor". Column-parallel q/k/v and gate/up split their outputs (and a
+# LoRA adapter's lora_b, its bias), row-parallel o/down their inputs (and lora_a): each
+# device holds whole attention heads and MLP columns, and XLA adds one reduction per pair.
+_COLUMN = r"(self_attn/(q_proj|k_proj|v_proj)|mlp/(gate_proj|up_proj))"
+_ROW = r"(self_attn/o_proj|mlp/down_proj)"
+TENSOR_PARALLEL = (
+    (_COLUMN + r"/(kernel|lora_b)$", 1), (_COLUMN + r"/bias$", 0),
+    (_ROW + r"/(kernel|lora_a)$", 0),
+)
 
 
 def batch_shapes(cfg: ModelConfig, batch_size: int, hp: Mapping[str, Any]) -> dict[str, Any]:

@@ -105,7 +105,8 @@ def place(job: Job, placed: bool = True) -> Job:
     return job
   if not placed:
     return dataclasses.replace(job, mesh_spec=spec)
-  placement = mesh_lib.Placement(spec)
+  placement = mesh_lib.Placement(
+      spec, tensor_rules=getattr(family.of(job.model_cfg), "TENSOR_PARALLEL", ()))
   blocked = dataclasses.replace(job.blocked,
                                 trainable=[placement.state(t) for t in job.blocked.trainable],
                                 frozen=[placement.state(f) for f in job.blocked.frozen])

@@ -2,10 +2,16 @@
 `jax.sharding` (a `Mesh` of named axes, `NamedSharding` per array).
 
   config.mesh.shape = (data, fsdp)   e.g. (4, 1) data parallel, (1, 4) FSDP, (2, 2) both
-  config.mesh.axes  = ("data", "fsdp")
+  config.mesh.shape = (data, fsdp, tensor)   e.g. (1, 2, 2): FSDP and tensor parallelism
+  config.mesh.axes  = ("data", "fsdp")  (with three sizes: ("data", "fsdp", "tensor"))
 
 Rules (`Placement`):
-- a batch is sharded on its leading (example) axis over both mesh axes;
+- a batch is sharded on its leading (example) axis over "data" and "fsdp" (every device
+  of a "tensor" group holds the same examples);
+- tensor parallel: a parameter the model family names (`TENSOR_PARALLEL`: path pattern ->
+  axis; Llama: q/k/v and gate/up split their output columns, o and down their input rows,
+  the Megatron arrangement) is split over "tensor" on that axis, and its optimizer moments
+  like it;
 - a parameter or optimizer-state leaf (FSDP) is sharded over "fsdp" on its first axis
   that the fsdp size divides, and replicated over "data"; leaves too small to be worth it
   (< `min_shard_elems`) and scalars are replicated.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -35,9 +42,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from aftune import errors
+from aftune.crypto import hashing
 
 PyTree = Any
 AXES = ("data", "fsdp")
+TENSOR = "tensor"  # the optional third axis: tensor parallelism by the family's rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,15 +60,29 @@ class MeshSpec:
   def size(self) -> int:
     return math.prod(self.shape)
 
+  @property
+  def sizes(self) -> dict[str, int]:
+    return {TENSOR: 1, **dict(zip(self.axes, self.shape))}
+
+  @property
+  def batch_axes(self) -> tuple[str, ...]:
+    """The axes a batch's examples are split over (the tensor axis holds whole examples)."""
+    return tuple(a for a in self.axes if a != TENSOR)
+
+  @property
+  def rules(self) -> str:
+    return "fsdp+tensor" if TENSOR in self.axes else "fsdp"
+
   def to_dict(self) -> dict[str, Any]:
-    return {"shape": list(self.shape), "axes": list(self.axes), "rules": "fsdp",
+    return {"shape": list(self.shape), "axes": list(self.axes), "rules": self.rules,
             "min_shard_elems": self.min_shard_elems}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "MeshSpec":
-    if d.get("rules") != "fsdp":
-      raise errors.InputError(f"unknown mesh rules {d.get('rules')!r}")
-    return cls(tuple(int(s) for s in d["shape"]), tuple(d["axes"]), int(d["min_shard_elems"]))
+    spec = cls(tuple(int(s) for s in d["shape"]), tuple(d["axes"]), int(d["min_shard_elems"]))
+    if d.get("rules") != spec.rules:
+      raise errors.InputError(f"unknown mesh rules {d.get('rules')!r} for axes {list(spec.axes)}")
+    return spec
 
 
 def force_host_devices(n: int) -> None:
@@ -86,9 +109,11 @@ def spec_from_sheet(config: Any) -> MeshSpec | None:
     return None
   shape = tuple(int(s) for s in m.shape)
   axes = tuple(m.get("axes", AXES))
-  if len(shape) != len(axes) or set(axes) != set(AXES) or min(shape) < 1:
+  if len(shape) == 3 and axes == AXES:
+    axes = (*AXES, TENSOR)  # (data, fsdp, tensor)
+  if len(shape) != len(axes) or set(axes) not in (set(AXES), {*AXES, TENSOR}) or min(shape) < 1:
     raise errors.ConfigError(f"mesh.shape {list(shape)} / mesh.axes {list(axes)}: give one size "
-                             f"per axis of {AXES}")
+                             f"per axis of {AXES}, or of {(*AXES, TENSOR)}")
   spec = MeshSpec(shape, axes, int(m.get("min_shard_elems", 16384)))
   return spec if spec.size > 1 else None
 
@@ -96,7 +121,8 @@ def spec_from_sheet(config: Any) -> MeshSpec | None:
 class Placement:
   """Where a job's arrays live on a mesh (the rules in the module docstring)."""
 
-  def __init__(self, spec: MeshSpec, devices: list[Any] | None = None):
+  def __init__(self, spec: MeshSpec, devices: list[Any] | None = None,
+               tensor_rules: tuple[tuple[str, int], ...] = ()):
     devices = jax.devices() if devices is None else devices
     if len(devices) < spec.size:
       raise errors.ConfigError(
@@ -105,47 +131,63 @@ class Placement:
           f"{spec.size})")
     self.spec = spec
     self.mesh = jax.sharding.Mesh(np.asarray(devices[:spec.size]).reshape(spec.shape), spec.axes)
-    self.fsdp = dict(zip(spec.axes, spec.shape))["fsdp"]
+    self.fsdp = spec.sizes["fsdp"]
+    self.tensor = spec.sizes[TENSOR]
+    if self.tensor > 1 and not tensor_rules:
+      raise errors.ConfigError("this model family has no tensor-parallel rules; use a mesh "
+                               "without the tensor axis")
+    self.tensor_rules = tuple((re.compile(rx), ax) for rx, ax in tensor_rules)
 
-  def leaf_sharding(self, x: Any) -> NamedSharding:
+  def leaf_sharding(self, x: Any, path: str = "") -> NamedSharding:
+    """The rules: the family's tensor-parallel axis (by parameter path) over "tensor", then
+    FSDP over "fsdp" on the first other axis it divides; the rest replicated."""
     shape = np.shape(x)
+    parts: list[str | None] = [None] * len(shape)
+    if self.tensor > 1 and path:
+      for rx, ax in self.tensor_rules:
+        if rx.search(path) and ax < len(shape) and shape[ax] % self.tensor == 0:
+          parts[ax] = TENSOR
+          break
     if self.fsdp > 1 and math.prod(shape) >= self.spec.min_shard_elems:
       # The first axis the fsdp size divides: a split of the rows leaves each host whole
       # rows, which it hashes without the others' (crypto/shards.py).
-      axes = [i for i, d in enumerate(shape) if d % self.fsdp == 0]
+      axes = [i for i, d in enumerate(shape) if d % self.fsdp == 0 and parts[i] is None]
       if axes:
-        parts = [None] * len(shape)
         parts[axes[0]] = "fsdp"
-        return NamedSharding(self.mesh, P(*parts))
-    return NamedSharding(self.mesh, P())
+    return NamedSharding(self.mesh, P(*parts))
+
+  def _map(self, fn, tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: fn(x, self.leaf_sharding(x, "/".join(hashing.path_components(p)))), tree)
 
   def state(self, tree: PyTree) -> PyTree:
-    """Parameters or optimizer state, placed by the FSDP rule."""
-    return jax.tree.map(lambda x: _put(x, self.leaf_sharding(x)), tree)
+    """Parameters or optimizer state, placed by the rules (an optimizer moment's path ends
+    like its parameter's, so it is split like it)."""
+    return self._map(_put, tree)
 
   def abstract(self, tree: PyTree) -> PyTree:
-    """ShapeDtypeStructs with the rule's shardings (restore targets: Orbax reads each
+    """ShapeDtypeStructs with the rules' shardings (restore targets: Orbax reads each
     process's shards straight onto its devices)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                                       sharding=self.leaf_sharding(x)), tree)
+    return self._map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree)
 
   def batch(self, batch: dict[str, Any]) -> dict[str, Any]:
     """Batch fields sharded on the example axis over every mesh axis."""
-    n = self.spec.size
+    n = math.prod(self.spec.sizes[a] for a in self.spec.batch_axes)
     out = {}
     for k, v in batch.items():
       if np.shape(v)[0] % n:
         raise errors.ConfigError(f"batch field {k!r} has {np.shape(v)[0]} examples, not a multiple "
-                                 f"of the {n} devices of the mesh")
-      out[k] = _put(v, NamedSharding(self.mesh, P(self.spec.axes)))
+                                 f"of the {n} data-parallel devices of the mesh")
+      out[k] = _put(v, NamedSharding(self.mesh, P(self.spec.batch_axes)))
     return out
 
   def boundary(self, x: Any) -> Any:
     """A boundary tensor (activation or cotangent) as the training step leaves it: sharded on
     its leading (example) axis; a scalar (the loss, its cotangent) replicated."""
-    if np.ndim(x) == 0 or np.shape(x)[0] % self.spec.size:
+    n = math.prod(self.spec.sizes[a] for a in self.spec.batch_axes)
+    if np.ndim(x) == 0 or np.shape(x)[0] % n:
       return _put(x, NamedSharding(self.mesh, P()))
-    return _put(x, NamedSharding(self.mesh, P(self.spec.axes)))
+    return _put(x, NamedSharding(self.mesh, P(self.spec.batch_axes)))
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
