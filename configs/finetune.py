@@ -12,6 +12,7 @@ Variants:
   small50m   49.2M-parameter decoder on the same data: the benchmark config.
   llama3_8b  the paper's Llama-3.1-8B-Instruct setting; set --config.model.hf_path.
   qwen3_14b  the paper's Qwen3-14B setting; set --config.model.hf_path.
+  llama3_8b_2hosts, qwen3_14b_2hosts   the same on 2 hosts x 8 GPUs (jax.distributed).
 
 Override any field: --config.optim.learning_rate=3e-4 --config.audit.steps_per_block=4
 """
@@ -119,11 +120,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.batch_size = 16
     c.data.max_len = 128
     c.optim.learning_rate = 1e-3
-  elif variant in ("llama3_8b", "qwen3_14b"):
+  elif variant in ("llama3_8b", "qwen3_14b", "llama3_8b_2hosts", "qwen3_14b_2hosts"):
     # The paper's setting: batch 16, 128 tokens, 2048 samples, SGD lr 1e-5, LoRA r=64 alpha=16 on q/v.
     c.model.hf_path = ""  # REQUIRED: e.g. /models/Meta-Llama-3.1-8B-Instruct
     c.model.dtype = "bfloat16"
-    c.data.template = "llama3" if variant == "llama3_8b" else "chatml"
+    c.data.template = "llama3" if variant.startswith("llama3_8b") else "chatml"
     c.data.tokenizer_path = ""  # "": the checkpoint's tokenizer.json
     c.data.max_len = 128
     c.data.num_samples = 2048
@@ -140,10 +141,18 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.platform.gpu_deterministic = True  # meant for a GPU: no atomics (docs/determinism.md)
     c.optim.clip_norm = 0.0
     c.audit.units_per_block = 4
-    # One 8-GPU host: FSDP over 8 (--config.mesh.shape=(2,4) mixes data parallelism); for
-    # 2 hosts x 8 GPUs, --config.mesh.shape=(2,8) under jax.distributed (not yet wired).
+    # One 8-GPU host: FSDP over 8 (--config.mesh.shape=(2,4) mixes data parallelism,
+    # (1,4,2) tensor parallelism).
     c.mesh.shape = (1, 8)
+    if variant.endswith("_2hosts"):
+      # 2 hosts x 8 GPUs, one process each (--coordinator/--num_processes/--process_id):
+      # data parallel across the hosts (the first mesh axis is the process axis, so only the
+      # gradient reduction crosses the network), FSDP over 4 and tensor parallel over 2
+      # inside each host; every state stored (I_C = 1), since a multi-process run is opened
+      # without regeneration (docs/sharding.md).
+      c.mesh.shape = (2, 4, 2)
+      c.audit.checkpoint_interval = 1
   else:
     raise ValueError(f"unknown variant {variant!r}: smoke, tiny, tiny_fsdp, small50m, llama3_8b, "
-                     "qwen3_14b")
+                     "qwen3_14b, llama3_8b_2hosts, qwen3_14b_2hosts")
   return c

@@ -41,6 +41,9 @@ TAG_TENSOR_TREE = b"aftune/v1/tensor-tree"
 TAG_TENSOR_CHUNK = b"aftune/v1/tensor-chunk"
 TAG_TENSOR_NODE = b"aftune/v1/tensor-node"
 
+# Bytes this process copied from devices to the host to hash them (a benchmark counter).
+BYTES_FETCHED = [0]
+
 # Tensors larger than this are hashed in the tree form (row chunks of at most this many
 # bytes under a Merkle tree), so that a host can hash the rows it holds without the rest.
 CHUNK_BYTES = 1 << 16
@@ -202,7 +205,9 @@ def _host(x: Any) -> np.ndarray:
       raise TypeError("cannot hash a traced value inside jit/vmap/grad")
     # device_get gathers every shard, so the digest cannot depend on the
     # sharding or the device the array lives on.
-    return np.asarray(jax.device_get(x))
+    host = np.asarray(jax.device_get(x))
+    BYTES_FETCHED[0] += host.nbytes
+    return host
   if isinstance(x, (bool, int, float, complex)):
     raise TypeError(
       f"refusing to hash python {type(x).__name__} {x!r}: its dtype is "
@@ -539,7 +544,8 @@ def pytree_leaf_hashes(tree: Any, *, max_threads: int = 1) -> list[tuple[PathCom
   if device:
     fetched = jax.device_get([arrays[i] for i in device])
     for i, a in zip(device, fetched):
-      arrays[i] = a
+      arrays[i] = np.asarray(a)
+      BYTES_FETCHED[0] += arrays[i].nbytes
   out = []
   for i, ((comps, _), impl, a) in enumerate(zip(items, impls, arrays)):
     if i in sharded:

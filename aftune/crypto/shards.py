@@ -34,8 +34,8 @@ from jax.sharding import PartitionSpec as P
 
 from aftune.crypto import hashing
 
-# Bytes copied from devices to this host to hash sharded arrays (a counter for benchmarks).
-BYTES_FETCHED = [0]
+# Bytes copied from devices to this host to hash (the benchmark counter, shared with hashing).
+BYTES_FETCHED = hashing.BYTES_FETCHED
 
 
 @dataclasses.dataclass
@@ -197,6 +197,8 @@ def _local_rows(x: jax.Array, lo: int, hi: int) -> np.ndarray:
   for (a, b), data in sorted(pieces.items()):
     if b <= at:
       continue
+    # Sliced on the device, so only these rows cross (this dispatches a computation: call it
+    # from the training thread, as multihost.global_digests does, not beside it).
     host = np.asarray(data[at - a:min(b, hi) - a]) if shape else np.asarray(data)
     BYTES_FETCHED[0] += host.nbytes
     out.append(host)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 from typing import Callable
@@ -109,6 +110,8 @@ class Recorder:
     self.spec = spec
     self.job_id = jobspec.job_id(spec)
     self.timings = {"hash_s": 0.0, "write_s": 0.0, "fetch_s": 0.0, "wait_s": 0.0}
+    # Logical bytes committed, and bytes this process copied off its devices to hash them.
+    self.transfer = {"bytes_hashed": 0, "bytes_fetched": 0}
     self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
     self._error: BaseException | None = None
     self.writer = None
@@ -190,6 +193,30 @@ class Recorder:
       self._thread.join()
     if self.writer is not None:
       self.writer.close()
+    # What this process moved to hash (docs/sharding.md's benchmark reads these files).
+    stats = {"process": jax.process_index(), "processes": jax.process_count(),
+             "bytes_hashed": self.transfer["bytes_hashed"],
+             "bytes_fetched": self.transfer["bytes_fetched"],
+             "timings": self.timings}
+    jsonio.write_json(self.workdir / f"recorder_stats.p{jax.process_index()}.json", stats)
+
+  def _fetch_all(self, tree: Any) -> Any:
+    """`jax.device_get`, counted as bytes copied off the devices to hash them."""
+    out = jax.device_get(tree)
+    self.transfer["bytes_fetched"] += sum(np.asarray(x).nbytes for x in jax.tree.leaves(out))
+    return out
+
+  def _global_digests(self, items: list) -> list[bytes]:
+    """`multihost.global_digests`, counting what this process copied off its devices."""
+    before = hashing.BYTES_FETCHED[0]
+    out = multihost.global_digests(items)
+    self.transfer["bytes_fetched"] += hashing.BYTES_FETCHED[0] - before
+    return out
+
+  def _count(self, trees: Any) -> None:
+    self.transfer["bytes_hashed"] += sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+                                         for x in jax.tree.leaves(trees)
+                                         if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
 
   # ---- worker --------------------------------------------------------------------
 
@@ -226,10 +253,13 @@ class Recorder:
 
   def _record_state(self, step: int, params: list[PyTree], opt_states: list[PyTree]) -> None:
     t_wait = time.perf_counter()
-    jax.block_until_ready((params, opt_states))
+    # One device_get on this thread, then only host work: a computation dispatched from
+    # here beside the training thread's collectives can starve an in-process all-gather
+    # on host devices (seen on a (1, 4) mesh). One process holds every shard anyway.
+    params, opt_states = self._fetch_all((params, opt_states))
     t0 = time.perf_counter()
     self.timings["fetch_s"] += t0 - t_wait
-    # A sharded leaf is hashed shard by shard (crypto/shards.py), never gathered.
+    self._count((params, opt_states))
     params_h = [hashing.hash_pytree(p) for p in params]
     opt_h = [hashing.hash_pytree(o) for o in opt_states]
     self.timings["hash_s"] += time.perf_counter() - t0
@@ -243,7 +273,8 @@ class Recorder:
 
   def _state_digests(self, params: list[PyTree], opt_states: list[PyTree]) -> tuple[list, list]:
     t0 = time.perf_counter()
-    d = multihost.global_digests([("pytree", p) for p in params] + [("pytree", o) for o in opt_states])
+    self._count((params, opt_states))
+    d = self._global_digests([("pytree", p) for p in params] + [("pytree", o) for o in opt_states])
     self.timings["hash_s"] += time.perf_counter() - t0
     return d[:len(params)], d[len(params):]
 
@@ -253,7 +284,8 @@ class Recorder:
     items = ([("tensor", np.asarray(indices, np.int64)), ("batch", dict(batch)),
               ("tensor", tr.loss), ("tensor", tr.grad_norm)]
              + [("tensor", x) for x in (*tr.fwd_out, *tr.bwd_in, *tr.sq_norm_partials, *units)])
-    d = multihost.global_digests(items) if self.multi else [
+    self._count([v for _, v in items])
+    d = self._global_digests(items) if self.multi else [
         hashing.hash_batch(v) if kind == "batch" else hashing.hash_array(v) for kind, v in items]
     k_count = self.grid.num_layer_blocks
     blocks = d[4:]
@@ -277,16 +309,16 @@ class Recorder:
   def _record_step(self, step: int, indices: np.ndarray, batch: dict, step_key: jax.Array,
                    tr: Any) -> None:
     t_wait = time.perf_counter()
-    # Blocks until the step has been computed: waiting, not recording work.
-    jax.block_until_ready((tr.fwd_out, tr.bwd_in, tr.sq_norm_partials, tr.loss, tr.grad_norm,
-                           tr.unit_out, dict(batch)))
+    # Blocks until the step has been computed (waiting, not recording work), then copies
+    # (see _record_state: nothing else touches the devices from this thread).
+    fields = ("fwd_out", "bwd_in", "sq_norm_partials", "loss", "grad_norm", "unit_out")
+    *values, batch = self._fetch_all((*(getattr(tr, f) for f in fields), dict(batch)))
+    tr = types.SimpleNamespace(**dict(zip(fields, values)))
     t0 = time.perf_counter()
     self.timings["fetch_s"] += t0 - t_wait
     digests = self._step_digests(indices, batch, step_key, tr)
-    t1 = time.perf_counter()
-    self.timings["hash_s"] += t1 - t0
-    host = self._step_host_values(tr, lambda x: np.asarray(jax.device_get(x)))
-    self.timings["fetch_s"] += time.perf_counter() - t1
+    self.timings["hash_s"] += time.perf_counter() - t0
+    host = self._step_host_values(tr, np.asarray)
     self._write_step(step, np.asarray(indices, np.int64), host, digests)
 
   def _own_rows(self, tr: Any) -> dict[str, dict[str, np.ndarray]]:
