@@ -47,7 +47,8 @@ def main(argv):
   r = bench_infer.bench_infer(model, prompts, max_new_tokens=sheet.max_new_tokens,
                               temperature=sheet.temperature, top_k=sheet.top_k, top_p=sheet.top_p,
                               rounds=_ROUNDS.value, warmup=_WARMUP.value,
-                              verify_cells=_CELLS.value, label=label)
+                              verify_cells=_CELLS.value, label=label,
+                              activation_interval=int(sheet.activation_interval))
   print(bench_infer.format_infer_bench(r))
   if _JSON.value:
     Path(_JSON.value).write_text(bench_infer.to_json(r))

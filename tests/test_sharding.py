@@ -67,3 +67,20 @@ def test_tolerance_replays_across_layouts_and_exact_needs_the_mesh(trained):
   fewer = run(2, root, "verify_fewer")
   assert fewer["error"] and "committed mesh" in fewer["error"] and "tolerance" in fewer["error"]
   assert all(v[0] for v in fewer["tolerance"].values()), fewer["tolerance"]
+
+
+@pytest.mark.parametrize("variant,shape,processes", [
+    ("tiny_fsdp", (1, 4), 1), ("llama3_8b", (1, 8), 1), ("qwen3_14b", (1, 8), 1),
+    ("llama3_8b_2hosts", (2, 4, 2), 2), ("qwen3_14b_2hosts", (2, 4, 2), 2)])
+def test_run_sheets_carry_their_meshes(variant, shape, processes):
+  from aftune.train import mesh as mesh_lib
+  from configs.finetune import get_config
+  c = get_config(variant)
+  spec = mesh_lib.spec_from_sheet(c)
+  assert spec.shape == shape and spec.size % processes == 0
+  # the batch splits evenly over the data-parallel devices (data x fsdp)
+  assert c.batch_size % (spec.sizes["data"] * spec.sizes["fsdp"]) == 0
+  assert spec.rules == ("fsdp+tensor" if len(shape) == 3 else "fsdp")
+  assert mesh_lib.MeshSpec.from_dict(spec.to_dict()) == spec
+  if processes > 1:  # opened without regeneration (docs/sharding.md)
+    assert c.audit.checkpoint_interval == 1 and c.audit.activation_interval == 1

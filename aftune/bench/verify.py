@@ -83,7 +83,8 @@ def block_shares(job: job_lib.Job, steps: int = 3) -> tuple[list[float], float]:
 
 
 def bench_verify(config: ml_collections.ConfigDict, *, num_step_blocks: int = 2,
-                 audit_fraction: float = 0.1, workdir: str | Path | None = None) -> dict[str, Any]:
+                 audit_fraction: float = 0.1, workdir: str | Path | None = None,
+                 cold: bool = True) -> dict[str, Any]:
   """Records `num_step_blocks` step blocks, then opens and verifies every cell of them.
 
   Args:
@@ -91,6 +92,8 @@ def bench_verify(config: ml_collections.ConfigDict, *, num_step_blocks: int = 2,
     num_step_blocks: how many step blocks to train and audit.
     audit_fraction: the share of cells of a whole run an audit would check.
     workdir: where to record (default: a temporary directory).
+    cold: clear JAX's caches before the first cell, so that it compiles as in a fresh
+      verifier process (False: reuse what this process compiled; quicker, for smoke runs).
 
   Returns:
     A JSON-able dict of per-cell times and the ratios.
@@ -111,7 +114,8 @@ def bench_verify(config: ml_collections.ConfigDict, *, num_step_blocks: int = 2,
   commitment = provider.commitment
   b_s = int(config.audit.steps_per_block)
   cells = []
-  jax.clear_caches()  # the first verification compiles, as a fresh verifier process would
+  if cold:
+    jax.clear_caches()  # the first verification compiles, as a fresh verifier process would
   for s in range(provider.grid.num_step_blocks):
     for k in range(provider.grid.num_layer_blocks):
       t_open = time.perf_counter()
@@ -147,6 +151,11 @@ def bench_verify(config: ml_collections.ConfigDict, *, num_step_blocks: int = 2,
       "audit_cost_over_training": audit_fraction * verify_all / run_train_s,
       "opening_cost_over_training": audit_fraction * open_all / run_train_s,
       "recorded_training_wall_s": train_s,
+      # What the client keeps to audit this run later: the signed commitment and the job
+      # spec it agreed to (docs/audit.md); the trace itself stays with the provider.
+      "client_bytes": {name: (Path(workdir) / rel).stat().st_size
+                       for name, rel in (("commitment", "commitment.json"),
+                                         ("job_spec", "trace/job_spec.json"))},
   }
   if tmp is not None:
     tmp.cleanup()
