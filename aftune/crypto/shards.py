@@ -249,8 +249,30 @@ def local_part(x: Any) -> TensorPart:
   return part
 
 
+def host_copy(x: Any) -> Any:
+  """The value of `x` on the host, copied shard by shard from this process's devices.
+
+  Never a computation across devices: `jax.device_get` of a sharded array may run a
+  gathering program, and one issued from a second thread (the recorder's) beside the
+  training thread's collectives can leave an in-process rendezvous short of a participant
+  (XLA:CPU aborts after 40 s; seen on (4, 1) and (1, 4) meshes of host devices). A
+  single-device copy is safe from any thread."""
+  if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+    return np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else x
+  if not x.is_fully_addressable:
+    raise ValueError("host_copy needs every shard on this process")
+  out = np.empty(x.shape, np.dtype(x.dtype))
+  seen = set()
+  for shard in x.addressable_shards:
+    key = tuple(sl.indices(d)[:2] for sl, d in zip(shard.index, x.shape))
+    if key not in seen:
+      seen.add(key)
+      out[shard.index] = np.asarray(shard.data)
+  return out
+
+
 def _fetch(x: jax.Array) -> np.ndarray:
-  host = np.asarray(jax.device_get(x))
+  host = np.asarray(host_copy(x))
   BYTES_FETCHED[0] += host.nbytes
   return host
 

@@ -201,8 +201,9 @@ class Recorder:
     jsonio.write_json(self.workdir / f"recorder_stats.p{jax.process_index()}.json", stats)
 
   def _fetch_all(self, tree: Any) -> Any:
-    """`jax.device_get`, counted as bytes copied off the devices to hash them."""
-    out = jax.device_get(tree)
+    """The host values (shard by shard: `shards.host_copy`), counted as bytes copied off the
+    devices to hash them."""
+    out = jax.tree.map(shards.host_copy, tree)
     self.transfer["bytes_fetched"] += sum(np.asarray(x).nbytes for x in jax.tree.leaves(out))
     return out
 
@@ -253,9 +254,9 @@ class Recorder:
 
   def _record_state(self, step: int, params: list[PyTree], opt_states: list[PyTree]) -> None:
     t_wait = time.perf_counter()
-    # One device_get on this thread, then only host work: a computation dispatched from
-    # here beside the training thread's collectives can starve an in-process all-gather
-    # on host devices (seen on a (1, 4) mesh). One process holds every shard anyway.
+    # Copies shard by shard on this thread, then only host work: a computation across
+    # devices dispatched from here beside the training thread's collectives can leave an
+    # in-process rendezvous short (shards.host_copy). One process holds every shard anyway.
     params, opt_states = self._fetch_all((params, opt_states))
     t0 = time.perf_counter()
     self.timings["fetch_s"] += t0 - t_wait
