@@ -84,6 +84,7 @@ def test_two_processes_record_one_trace(run2):
   assert integrity.check_workdir(w)["step_files"] == 24
 
 
+@pytest.mark.slow  # two more 2-process runs (~1 min); run with --runslow
 def test_killed_and_resumed_gives_the_same_root(run2, tmp_path):
   _, commitment = run2
   w = tmp_path / "w"
