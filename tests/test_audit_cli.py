@@ -137,10 +137,15 @@ def test_parallel_audit_gives_the_same_verdict(audited, tmp_path):
   base, _ = audited
   r = _verify(base, base / "bundles", f"--out={tmp_path / 'one.json'}")
   assert r.returncode == 0, r.stderr[-2000:]
-  r = _verify(base, base / "bundles", f"--out={tmp_path / 'three.json'}", "--workers=3")
+  r = _verify(base, base / "bundles", f"--out={tmp_path / 'two.json'}", "--workers=2")
   assert r.returncode == 0, r.stderr[-2000:]
-  one, three = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "three"))
-  assert len(one["cells"]) > 3 and _comparable(one) == _comparable(three)
+  one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+  assert len(one["cells"]) > 3 and _comparable(one) == _comparable(two)
+
+
+@pytest.mark.slow  # two more verifier runs; run with --runslow
+def test_parallel_audit_judges_failures_the_same(audited, tmp_path):
+  base, _ = audited
   # A failing cell and a damaged bundle are judged the same way when the cells are spread.
   bundles = tmp_path / "bundles"
   shutil.copytree(base / "bundles", bundles)
@@ -150,7 +155,7 @@ def test_parallel_audit_gives_the_same_verdict(audited, tmp_path):
   b.tensors[name] = b.tensors[name] + 1e-3
   path.unlink()
   bundle_lib.write_bundle(path, b)
-  r = _verify(base, bundles, f"--out={tmp_path / 'bad.json'}", "--workers=2")
+  r = _verify(base, bundles, f"--out={tmp_path / 'bad.json'}", "--workers=3")
   assert r.returncode == 1, r.stderr[-2000:]
   bad = json.loads((tmp_path / "bad.json").read_text())
   assert [c["passed"] for c in bad["cells"]].count(False) == 1

@@ -105,6 +105,7 @@ def test_killed_and_resumed_gives_the_same_root(run2, tmp_path):
     assert resumed[key] == commitment[key], key
 
 
+@pytest.mark.slow  # open + 3 verifier runs (~1.5 min); run with --runslow
 def test_challenge_open_verify_across_processes(run2):
   root, _ = run2
   w, ch, bundles = root / "w", root / "ch.json", root / "bundles"
