@@ -28,6 +28,10 @@ setuptools.setup(
         "jsonschema>=4.20",  # the shapes of every document a provider sends (record/schemas.py)
         "pillow==13.0.0",  # pinned: its resize decides the stored pixels, so the dataset root
         "pyarrow>=14",  # the Hugging Face parquet image layout (data/images.py)
+        # The auditable server (experiments.serve) and its client (experiments.serve_client).
+        "starlette>=0.40",
+        "uvicorn>=0.30",
+        "httpx>=0.27",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100"],

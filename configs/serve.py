@@ -10,6 +10,10 @@ Variants:
   sample   temperature 0.8, top-p 0.95: a sampled generation (the keys are committed).
 
 Override any field: --serve.max_new_tokens=4 --serve.activation_interval=2
+
+`server` is the HTTP server's part (`experiments.serve`, `aftune/infer/engine.py`): each
+request brings its own max_tokens, sampling settings and seed; these are the batching and
+the limits. Override as --serve.server.max_batch=4.
 """
 
 import ml_collections
@@ -25,6 +29,15 @@ def get_config(variant: str = "greedy") -> ml_collections.ConfigDict:
   c.batch_id = 0  # the served batch's number (committed)
   c.activation_interval = 1  # I_A: store every I_A-th block's outputs (the rest is replayed)
   c.record = True  # False: serve without recording (the unaudited baseline)
+  c.server = ml_collections.ConfigDict()
+  c.server.max_batch = 8  # rows per batch at most; batches are padded to 1, 2, 4 or 8 rows
+  c.server.batch_window_s = 0.02  # the first request of a batch waits this long for others
+  c.server.max_tokens_cap = 64  # the largest max_tokens a request may ask for
+  c.server.default_max_tokens = 16
+  c.server.prompt_bucket = 16  # prompt widths are padded up to a multiple of this
+  c.server.max_prompt_tokens = 512
+  c.server.activation_interval = 1  # I_A of every served batch
+  c.server.record = True  # False: the unaudited baseline (no record, no receipts)
   if variant == "greedy":
     pass
   elif variant == "sample":

@@ -38,6 +38,7 @@ from aftune.record import tensorfile
 
 FORMAT = "aftune-bundle/v1"
 INFERENCE_FORMAT = "aftune-inference-bundle/v1"
+REQUEST_FORMAT = "aftune-request-bundle/v1"  # one row of a served batch (audit/request_provider.py)
 _META_KEY = "aftune_bundle"
 
 # name -> (dtype name, shape): what a cell's bundle must hold, exactly.
@@ -109,7 +110,27 @@ INFERENCE_MANIFEST = {
                    "leaves": _LEAVES, "model_digests": DIGESTS, "training": TRAINING_BINDING},
     "additionalProperties": False,
 }
-_MANIFESTS = {FORMAT: TRAINING_MANIFEST, INFERENCE_FORMAT: INFERENCE_MANIFEST}
+ROW_LEAF = {"type": "object", "required": ["kind", "row", "step", "block", "payload", "proof"],
+            "properties": {"kind": {"enum": ["serve_spec", "request", "output", "token",
+                                             "sample_key", "inf_out"]},
+                           "row": schemas.STEP, "step": schemas.STEP, "block": schemas.STEP,
+                           "payload": schemas.HEX32,
+                           "proof": {"type": "array", "maxItems": 64, "items": schemas.HEX32}},
+            "additionalProperties": False}
+REQUEST_MANIFEST = {
+    "type": "object",
+    "required": ["format", "request_id", "row", "cell", "commitment", "spec", "leaves",
+                 "model_digests"],
+    "properties": {"format": {"const": REQUEST_FORMAT},
+                   "request_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                   "row": schemas.COUNT, "cell": _CELL, "commitment": schemas.SERVING_COMMITMENT,
+                   "spec": {"type": "object"},
+                   "leaves": {"type": "array", "maxItems": 1 << 20, "items": ROW_LEAF},
+                   "model_digests": DIGESTS, "training": TRAINING_BINDING},
+    "additionalProperties": False,
+}
+_MANIFESTS = {FORMAT: TRAINING_MANIFEST, INFERENCE_FORMAT: INFERENCE_MANIFEST,
+              REQUEST_FORMAT: REQUEST_MANIFEST}
 
 
 class BundleError(errors.InputError):

@@ -64,14 +64,19 @@ Observer = Callable[[int, list, list, jax.Array, jax.Array, jax.Array], None]
 # Contexts (integer functions of the committed prompt batch and the step).
 
 
-def left_pad(prompts_tokens: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Left-pads prompts to the longest: (ids int32 [B,P], attn_mask int32 [B,P])."""
+def left_pad(prompts_tokens: Sequence[Sequence[int]], pad_id: int,
+             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads prompts to the longest (or to `width`): (ids int32 [B,P], attn_mask int32 [B,P])."""
   if not prompts_tokens:
     raise ValueError("no prompts")
   lengths = [len(p) for p in prompts_tokens]
   if min(lengths) < 1:
     raise ValueError("every prompt needs at least one token")
   b, p = len(prompts_tokens), max(lengths)
+  if width is not None:
+    if width < p:
+      raise ValueError(f"prompt width {width} < longest prompt {p}")
+    p = int(width)
   ids = np.full((b, p), pad_id, np.int32)
   mask = np.zeros((b, p), np.int32)
   for i, toks in enumerate(prompts_tokens):
@@ -175,6 +180,7 @@ class GenFns:
     # The cache is donated: decoding updates it in place instead of copying it per token.
     self.decode = jax.jit(block_decode, static_argnums=0, donate_argnums=4)
     self.sample = jax.jit(sampling.sample, static_argnums=(2, 3, 4))
+    self.sample_rows = jax.jit(sampling.sample_rows, static_argnums=(2, 3, 4))
     self.plain_prefill = jax.jit(plain_prefill, static_argnums=(0, 5))
     self.plain_decode = jax.jit(plain_decode, static_argnums=0, donate_argnums=4)
 
@@ -283,8 +289,8 @@ class TraceCollector:
     self.steps.append(StepRecord(t, list(block_inputs), list(block_outputs), logits, tokens, key))
 
 
-def _check_args(prompts_tokens, max_new_tokens, pad_id, max_total_len):
-  ids, mask = left_pad(prompts_tokens, pad_id)
+def _check_args(prompts_tokens, max_new_tokens, pad_id, max_total_len, prompt_width=None):
+  ids, mask = left_pad(prompts_tokens, pad_id, prompt_width)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   p = ids.shape[1]
@@ -296,10 +302,18 @@ def _check_args(prompts_tokens, max_new_tokens, pad_id, max_total_len):
 
 def _loop(prefill_fn, decode_fn, prompts_tokens, *, max_new_tokens, temperature, top_k, top_p, seed,
           batch_id, stop_tokens, pad_id, max_total_len, observer, fns: GenFns,
-          hooks: ServeHooks) -> GenerationResult:
+          hooks: ServeHooks, row_seeds=None, row_max_new_tokens=None,
+          prompt_width=None) -> GenerationResult:
   start = time.perf_counter()
-  ids, mask, s = _check_args(prompts_tokens, max_new_tokens, pad_id, max_total_len)
+  ids, mask, s = _check_args(prompts_tokens, max_new_tokens, pad_id, max_total_len, prompt_width)
   b = ids.shape[0]
+  limit = np.full(b, max_new_tokens, np.int64)
+  if row_max_new_tokens is not None:
+    limit = np.asarray(row_max_new_tokens, np.int64)
+    if limit.shape != (b,) or limit.min() < 1 or limit.max() > max_new_tokens:
+      raise ValueError(f"row_max_new_tokens must be {b} values in 1..{max_new_tokens}")
+  if row_seeds is not None and len(row_seeds) != b:
+    raise ValueError(f"row_seeds must have {b} values, got {len(row_seeds)}")
   stop = np.asarray(sorted(set(int(x) for x in stop_tokens)), np.int32)
   done = np.zeros(b, bool)
   stopped = np.zeros(b, bool)
@@ -310,8 +324,12 @@ def _loop(prefill_fn, decode_fn, prompts_tokens, *, max_new_tokens, temperature,
   for t in range(max_new_tokens):
     if t > 0:
       logits, ins, outs = decode_fn(jnp.asarray(emitted[:, None]), decode_ctx(mask, t, s), t)
-    key_used, key = hooks.sample_keys(t, sampling.sampling_key(seed, batch_id, t))
-    raw = np.asarray(fns.sample(logits, key_used, temperature, top_k, top_p))
+    if row_seeds is None:
+      key_used, key = hooks.sample_keys(t, sampling.sampling_key(seed, batch_id, t))
+      raw = np.asarray(fns.sample(logits, key_used, temperature, top_k, top_p))
+    else:  # one key per row: a request's tokens depend on its own seed only
+      key_used, key = hooks.sample_keys(t, sampling.request_keys(row_seeds, t))
+      raw = np.asarray(fns.sample_rows(logits, key_used, temperature, top_k, top_p))
     raw = hooks.tokens(t, raw, logits.shape[-1])
     emitted = np.where(done, np.int32(pad_id), raw).astype(np.int32)
     if observer is not None:
@@ -320,7 +338,7 @@ def _loop(prefill_fn, decode_fn, prompts_tokens, *, max_new_tokens, temperature,
     lengths += ~done
     hit = ~done & np.isin(emitted, stop)
     stopped |= hit
-    done |= hit
+    done |= hit | (lengths >= limit)
     if done.all():
       break
   token_array = np.stack(emitted_all, axis=1)
@@ -335,7 +353,10 @@ def generate(specs: Sequence[grid.BlockSpec], params_list: Sequence[PyTree],
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, batch_id: int = 0, stop_tokens: Sequence[int] = (), pad_id: int = 0,
              max_total_len: int | None = None, observer: Observer | None = None,
-             hooks: ServeHooks | None = None, fns: GenFns | None = None) -> GenerationResult:
+             hooks: ServeHooks | None = None, fns: GenFns | None = None,
+             row_seeds: Sequence[int] | None = None,
+             row_max_new_tokens: Sequence[int] | None = None,
+             prompt_width: int | None = None) -> GenerationResult:
   """Blocked generation: per-block jitted prefill/decode calls, then `sample`.
 
   Args:
@@ -355,6 +376,13 @@ def generate(specs: Sequence[grid.BlockSpec], params_list: Sequence[PyTree],
       tokens the emitted int32 [B] (pad_id for rows finished before t), key the step key.
     hooks: a dishonest server's deviations (None: honest).
     fns: the jitted functions (default: the process's).
+    row_seeds: one seed per row (served requests): row b samples step t with
+      `sampling.request_key(row_seeds[b], t)` (the observer gets the [B] key array);
+      None: the batch key `sampling_key(seed, batch_id, t)`.
+    row_max_new_tokens: a row is finished after this many tokens (its own limit, at most
+      max_new_tokens; finish reason "length"); None: max_new_tokens for every row.
+    prompt_width: left-pad the prompts to this width P (a shape bucket) instead of the
+      longest prompt.
 
   Returns:
     GenerationResult.
@@ -386,7 +414,8 @@ def generate(specs: Sequence[grid.BlockSpec], params_list: Sequence[PyTree],
   return _loop(prefill_fn, decode_fn, prompts_tokens, max_new_tokens=max_new_tokens,
                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_id=batch_id,
                stop_tokens=stop_tokens, pad_id=pad_id, max_total_len=max_total_len, observer=observer,
-               fns=fns, hooks=hooks)
+               fns=fns, hooks=hooks, row_seeds=row_seeds, row_max_new_tokens=row_max_new_tokens,
+               prompt_width=prompt_width)
 
 
 # ---------------------------------------------------------------------------------

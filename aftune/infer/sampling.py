@@ -19,6 +19,31 @@ def sampling_key(seed: int, batch_id: int, t: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), batch_id), t)
 
 
+def request_key(seed: int, t: int) -> jax.Array:
+  """The sampling key of one served request at generation step t (`experiments.serve`).
+
+  It depends on the request's own seed and t only, never on the batch the request was put
+  in or its row there, so a client can check its own tokens alone (per-request audits).
+  """
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), REQUEST_STREAM), t)
+
+
+# Separates request keys from batch keys (`sampling_key(seed, batch_id, t)`) of the same seed.
+REQUEST_STREAM = 0x5E4E
+
+
+def request_keys(seeds, t: int) -> jax.Array:
+  """Stacked `request_key(seed, t)` of every row: a key array [B]."""
+  return jnp.stack([request_key(int(s), t) for s in seeds])
+
+
+def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature: float = 0.0,
+                top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """`sample` with one key per row (row b draws as `sample(logits[b:b+1], keys[b])`)."""
+  one = lambda l_V, k: sample(l_V[None], k, temperature, top_k, top_p)[0]
+  return jax.vmap(one)(logits_BxV, keys_B)
+
+
 def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0) -> jax.Array:
   """Samples one token per row (int32 [B]); a pure function of (logits, key, settings).

@@ -3,6 +3,8 @@
   commitment.json (training)   job id, Merkle root over the trace, leaf count, grid,
                                base and final model hashes; signed
   commitment.json (inference)  inference id, root, grid, served model hash; signed
+  commitment.json (serving)    one batch of served requests: batch spec id, root, row
+                               layout, served model hash; signed (infer/request_record.py)
   trace/roots/<t>.json         a periodic signed root of the leaves before step t
 
 Whoever reads one (the provider reopening its workdir, the client, the verifier) goes
@@ -24,6 +26,7 @@ from aftune.record import schemas
 TRAINING_FORMAT = "aftune-commitment/v1"
 INFERENCE_FORMAT = "aftune-inference-commitment/v1"
 ROOT_FORMAT = "aftune-root/v1"
+SERVING_FORMAT = "aftune-serving-commitment/v1"  # a batch of served requests (experiments.serve)
 FORMATS = (TRAINING_FORMAT, INFERENCE_FORMAT)
 
 
@@ -55,7 +58,8 @@ def load(path: str | os.PathLike[str], *, formats: Sequence[str] = FORMATS,
 
 
 _SCHEMAS = {TRAINING_FORMAT: schemas.TRAINING_COMMITMENT,
-            INFERENCE_FORMAT: schemas.INFERENCE_COMMITMENT, ROOT_FORMAT: schemas.ROOT}
+            INFERENCE_FORMAT: schemas.INFERENCE_COMMITMENT, ROOT_FORMAT: schemas.ROOT,
+            SERVING_FORMAT: schemas.SERVING_COMMITMENT}
 
 
 def is_inference(doc: dict[str, Any]) -> bool:

@@ -73,6 +73,23 @@ INFERENCE_COMMITMENT = {
                    "signature": SIGNATURE},
     "additionalProperties": False,
 }
+ROW_LAYOUT = {
+    "type": "object", "required": ["rows", "num_steps", "num_layer_blocks"],
+    "properties": {"rows": {"type": "integer", "minimum": 1, "maximum": 4096},
+                   "num_steps": {"type": "integer", "minimum": 1, "maximum": 1 << 12},
+                   "num_layer_blocks": {"type": "integer", "minimum": 1, "maximum": 4096}},
+    "additionalProperties": False,
+}
+SERVING_COMMITMENT = {  # one served batch of requests (infer/request_record.py)
+    "type": "object",
+    "required": ["format", "batch_id", "batch_spec_id", "merkle_root", "num_leaves", "layout",
+                 "model_hash", "source", "signature"],
+    "properties": {"format": {"const": "aftune-serving-commitment/v1"}, "batch_id": COUNT,
+                   "batch_spec_id": HEX32, "merkle_root": HEX32, "num_leaves": POSITIVE,
+                   "layout": ROW_LAYOUT, "model_hash": HEX32, "source": _SOURCE,
+                   "signature": SIGNATURE},
+    "additionalProperties": False,
+}
 ROOT = {
     "type": "object",
     "required": ["format", "job_id", "step", "size", "root", "signature"],
