@@ -22,6 +22,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from aftune import errors
 from aftune.audit import challenge as challenge_lib
 from aftune.audit import challenge_checks
 from aftune.audit import challenge_doc
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
   d.add_argument("--p", type=float, help="... are caught with probability >= p")
   d.add_argument("--nonce", help="client nonce (hex); default: 32 fresh random bytes")
   d.add_argument("--out", default="challenge.json", help="where to write the challenge")
+  d.add_argument("--receipt", help="a served request's receipt (experiments.serve): draw --m "
+                 "(block, step) cells of that request only")
+  d.add_argument("--seed", type=int, help="with --receipt: the draw's seed (default: fresh)")
   s = sub.add_parser("show", help="check and print a challenge")
   s.add_argument("file")
   v = sub.add_parser("verify", help="re-derive a challenge's cells from (root, nonce)")
@@ -77,6 +81,20 @@ def _draw(args: argparse.Namespace) -> challenge_doc.Challenge:
       strategy=args.strategy, m=args.m, k=args.k, p=args.p, nonce=nonce)
 
 
+def _draw_request(args: argparse.Namespace) -> int:
+  """A challenge of one served request's own cells, from its receipt (checked first)."""
+  if args.commitment or args.m is None or args.m < 1:
+    raise ValueError("--receipt draws --m >= 1 cells of that request (no --commitment)")
+  from aftune import jsonio  # pylint: disable=g-import-not-at-top
+  from aftune.audit import request_verifier  # pylint: disable=g-import-not-at-top
+  from aftune.infer import receipts  # pylint: disable=g-import-not-at-top
+  receipt, _ = receipts.load_receipt(args.receipt, public_key=args.public_key)
+  ch = request_verifier.draw_cells(receipt, args.m, seed=args.seed)
+  jsonio.write_json(args.out, ch.to_json())
+  print(f"{len(ch.cells)} cells of request {ch.request_id} -> {args.out}: {list(ch.cells)}")
+  return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
   ch = challenge_doc.load_challenge(args.file)
   commit = None if args.nonce_commitment is None else hashing.from_hex(args.nonce_commitment)
@@ -98,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.cmd == "verify":
       return _verify(args)
+    if args.cmd == "draw" and args.receipt:
+      return _draw_request(args)
     if args.cmd == "draw":
       ch = _draw(args)
       challenge_doc.save_challenge(ch, args.out)
@@ -108,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{ch.num_layer_blocks}x{ch.num_step_blocks} grid")
       print("cells:", " ".join(f"({a},{b})" for a, b in ch.cells))
     print(ch.guarantee_text)
-  except (ValueError, OSError) as e:  # ChallengeError, bad hex, a bad signature, file errors
+  except (ValueError, OSError, errors.InputError) as e:  # ChallengeError, bad hex, a bad
+    # signature, file errors, a receipt that does not verify
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -5,6 +5,8 @@ r"""Verifier: checks the provider's bundles against the client's commitment and 
   python -m experiments.verify --commitment served/commitment.json --challenge ch.json \
       --bundles b/ --agreed agreed.json --training_commitment run/commitment.json \
       --request served/request.json --response served/response.json --out v.json  # inference
+  python -m experiments.verify --receipt r.json --challenge ch.json --bundles b/ \
+      --agreed agreed.json --training_commitment run/commitment.json --out v.json  # a request
 
 A verdict is bound to what the client holds: the challenge it drew and the job it agreed
 to (--agreed, or the client's own --config to compute it from; training); the promised
@@ -33,7 +35,11 @@ from aftune.audit import bundle as bundle_lib  # no JAX import: threads are pinn
 from aftune.train import mesh as mesh_lib  # imports jax; the backend starts later
 from aftune.train import multihost  # jax.distributed, before the backend starts
 
-_COMMITMENT = flags.DEFINE_string("commitment", None, "The client's commitment.json.", required=True)
+_COMMITMENT = flags.DEFINE_string("commitment", None, "The client's commitment.json.")
+_RECEIPT = flags.DEFINE_string("receipt", None, "A served request's receipt (experiments.serve): "
+                               "the client's evidence for auditing its own request.")
+_FIRST_PASS = flags.DEFINE_bool("first_pass", False, "With --receipt: run the teacher-forced "
+                                "tolerance pass before each exact replay.")
 _CHALLENGE = flags.DEFINE_string("challenge", None, "The challenge the bundles answer.")
 _BUNDLES = flags.DEFINE_string("bundles", None, "Directory of bundles.", required=True)
 _AGREED = flags.DEFINE_string("agreed", None, "The agreed job-spec fields (experiments.agree).")
@@ -133,9 +139,49 @@ def _verify():
                                       tolerances=_tolerances(), workers=_WORKERS.value, **inputs)
 
 
+def _verify_request() -> dict:
+  paths = sorted(Path(_BUNDLES.value).glob("*.bundle"))
+  if not paths:
+    raise errors.InputError(f"{_BUNDLES.value}: no *.bundle files")
+  if _MODE.value == "exact":
+    _pin_threads(paths)
+  from aftune.audit import client as audit  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from aftune.audit import request_audit  # pylint: disable=g-import-not-at-top
+  agreed = _agreed(audit)
+  inputs = {
+      "challenge": request_audit.load_challenge(_CHALLENGE.value) if _CHALLENGE.value else None,
+      "public_key": _PUBLIC_KEY.value,
+      "training_commitment": (audit.load_commitment(_TRAINING_COMMITMENT.value, _PUBLIC_KEY.value)
+                              if _TRAINING_COMMITMENT.value else None),
+      "model_config": agreed["hyperparameters"]["model"] if agreed else None,
+  }
+  loose = request_audit.unchecked(**{k: v for k, v in inputs.items()})
+  if inputs["public_key"] is None and inputs["training_commitment"] is not None:
+    loose = loose[1:]  # the key is pinned to the training commitment's
+  if loose and not _ALLOW_UNBOUND.value:
+    raise errors.InputError("this verdict would bind nothing about: " + "; ".join(
+        u.split(":")[0] for u in loose) + ". Pass them, or --allow_unbound for a verdict that "
+        "names what it did not check")
+  return request_audit.verify_request(paths, receipt_path=_RECEIPT.value, mode=_MODE.value,
+                                      tolerances=_tolerances(), first_pass=_FIRST_PASS.value,
+                                      **inputs)
+
+
 def main(argv):
   del argv
+  if _RECEIPT.value:
+    with errors.exit_on_input_error():
+      if _COMMITMENT.value:
+        raise errors.InputError("give --receipt (a served request) or --commitment, not both")
+      verdict = _verify_request()
+    from aftune.audit import request_audit  # pylint: disable=g-import-not-at-top
+    md = request_audit.write_verdict(verdict, _OUT.value)
+    print(request_audit.render_markdown(verdict))
+    print(f"verdict: {_OUT.value}, report: {md}")
+    sys.exit(0 if verdict["passed"] else 1)
   with errors.exit_on_input_error():
+    if not _COMMITMENT.value:
+      raise errors.InputError("--commitment (or --receipt) is required")
     audit, verdict = _verify()
   if not multihost.is_primary():  # every process replayed the same cells; one writes
     sys.exit(0 if verdict["passed"] else 1)
