@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
   l.add_argument("--duration_s", type=float, default=30.0)
   l.add_argument("--max_tokens", type=int, default=16)
   l.add_argument("--temperature", type=float, default=0.0)
+  l.add_argument("--ignore_eos", action="store_true", help="every request runs max_tokens steps")
   l.add_argument("--training_commitment")
   l.add_argument("--out", default="load.json")
   return ap
@@ -189,7 +190,8 @@ async def _load(args) -> int:
         t0 = time.perf_counter()
         r = await client.post(f"{args.url}/v1/chat/completions", json={
             "messages": [{"role": "user", "content": q}], "max_tokens": args.max_tokens,
-            "temperature": args.temperature, "seed": c * 1000 + i})
+            "temperature": args.temperature, "seed": c * 1000 + i,
+            "ignore_eos": args.ignore_eos})
         dt = time.perf_counter() - t0
         if r.status_code != 200:
           failures.append(f"HTTP {r.status_code}: {r.text[:200]}")

@@ -22,7 +22,7 @@ def _run(*args):
   return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def audited(small_config, tmp_path_factory):
   base = tmp_path_factory.mktemp("cli")
   workdir = base / "run"

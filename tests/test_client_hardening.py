@@ -49,7 +49,7 @@ def _run(*args):
   return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def run(small_config, tmp_path_factory):
   """An honest 8-step run, the client's agreed fields, and bundles of a few cells."""
   base = tmp_path_factory.mktemp("hardening")
@@ -63,7 +63,7 @@ def run(small_config, tmp_path_factory):
   return base, provider
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def served(run):
   """A served batch of the run's final model, and the client's request and response."""
   base, provider = run
@@ -292,7 +292,7 @@ def test_a_deeply_nested_manifest_is_refused_before_parsing(run, tmp_path):
 # ---- 6. the final model is bound to the trace --------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def hybrid(run, tmp_path_factory):
   """A workdir whose commitment names a hybrid as final: the trained model with block 1
   from the step-4 checkpoint; the hybrid's digests and the hybrid model itself."""

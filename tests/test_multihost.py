@@ -58,7 +58,7 @@ def _cli(*args):
                         text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def run2(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   return root, _train(root / "w", root, "train")

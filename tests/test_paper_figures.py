@@ -34,7 +34,7 @@ def _make_all(out: Path, *args: str) -> subprocess.CompletedProcess:
                         timeout=600)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def smoke(tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("figs")
   r = _make_all(out)

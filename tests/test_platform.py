@@ -58,7 +58,7 @@ def test_the_pool_cannot_change_once_jax_runs(monkeypatch):
     provenance.set_intra_op_threads(0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def two_pool_audit(tmp_path_factory):
   """A run recorded with an intra-op pool of 2, challenged and opened (subprocesses)."""
   base = tmp_path_factory.mktemp("pool")

@@ -58,7 +58,7 @@ def run(*args, timeout=300):
                         text=True, timeout=timeout, check=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def workdir(small_config, tmp_path_factory):
   w = tmp_path_factory.mktemp("served_run")
   train.train(small_config(num_steps=4), w)

@@ -35,24 +35,24 @@ SETTINGS = engine_lib.EngineSettings(max_batch=4, batch_window_s=0.5, max_tokens
                                      prompt_bucket=8, default_max_tokens=4)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def trained(small_config, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained")
   train.train(small_config(num_steps=4), workdir)
   return workdir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def training_commitment(trained):
   return json.loads((trained / "commitment.json").read_text())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def model(trained):
   return serving.load_from_training(trained)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def prompts(model):
   tok = model.tokenizer
   return [tok.encode(q) for q in ("hi", "what is the capital of france?", "tell me a joke")]
@@ -66,7 +66,7 @@ def serve_together(engine, prompts, **kw):
   return [f.result(timeout=300) for f in futs]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def served(model, prompts, trained, tmp_path_factory):
   engine = engine_lib.Engine(model, tmp_path_factory.mktemp("serving"), SETTINGS,
                              key_path=trained / "provider_key.pem").start()
@@ -284,7 +284,7 @@ def test_a_killed_batch_leaves_no_record_and_ids_continue(model, trained, tmp_pa
 # HTTP, in process.
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def http(model, trained, training_commitment, tmp_path_factory):
   from starlette.testclient import TestClient  # pylint: disable=g-import-not-at-top
   from aftune.audit import train_provider  # pylint: disable=g-import-not-at-top

@@ -26,7 +26,7 @@ def run(devices, root, what):
   return json.loads(line[len("RESULT "):])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may tear a module fixture down mid-module
 def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("sharded")
   return root, run(4, root, "train")

@@ -361,6 +361,38 @@ def hash_key(key: Any, *, max_threads: int = 1) -> bytes:
   return _digest_host_key(key_impl_name(key), data, max_threads)
 
 
+def hash_rows(x: Any) -> list[bytes]:
+  """``[hash_array(x[i:i+1]) for i in range(len(x))]``: each row keeping the leading axis
+  (a served batch's per-request leaves), the array fetched and canonicalised once."""
+  a = _canonical_host_array(_host(x))
+  if a.ndim < 1:
+    raise ValueError("hash_rows needs an array with a leading axis")
+  if a.shape[0] == 0:
+    return []
+  if chunk_rows(a.dtype, (1,) + a.shape[1:]) is not None:  # large rows: the tree form
+    return [_digest_host_tensor(a[i:i + 1], 1) for i in range(a.shape[0])]
+  header = _tensor_body_header(a.dtype.name, (1,) + a.shape[1:])
+  flat = a.reshape(a.shape[0], -1).view(np.uint8)
+  out = []
+  for i in range(a.shape[0]):
+    h = _hasher(TAG_TENSOR)
+    h.update(header)
+    if flat.shape[1]:
+      h.update(flat[i])
+    out.append(h.digest())
+  return out
+
+
+def hash_key_rows(keys: Any) -> list[bytes]:
+  """``[hash_key(keys[i]) for i in range(len(keys))]`` of a key array [B], with the key
+  data fetched once (a served batch's per-request keys)."""
+  if not _is_prng_key(keys) or keys.ndim < 1:
+    raise TypeError("hash_key_rows needs a typed key array with a leading axis")
+  jax = _jax()
+  data, impl = _host(jax.random.key_data(keys)), key_impl_name(keys)
+  return [_digest_host_key(impl, data[i], 1) for i in range(data.shape[0])]
+
+
 def hash_array(x: Any, *, max_threads: int = 1) -> bytes:
   """Hashes a tensor: dtype name, rank, shape and little-endian C-order bytes.
 

@@ -122,7 +122,7 @@ class Api:
     top_k = _number(body, "top_k", 0, int, 0, 1 << 20)
     seed = body.get("seed")
     if seed is not None:
-      seed = _number(body, "seed", 0, int, 0, 2**63 - 1)
+      seed = _number(body, "seed", 0, int, 0, 2**32 - 1)
     ignore_eos = body.get("ignore_eos", False)
     if ignore_eos not in (True, False):
       raise BadRequest("ignore_eos must be a boolean", "ignore_eos")

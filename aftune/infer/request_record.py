@@ -127,8 +127,8 @@ def new_request(prompt: Sequence[int], *, max_tokens: int, temperature: float = 
     raise ValueError(f"bad sampling settings: temperature={temperature}, top_k={top_k}, "
                      f"top_p={top_p}")
   seed = secrets.randbelow(1 << 31) if seed is None else int(seed)
-  if not 0 <= seed < (1 << 63):
-    raise ValueError(f"seed must be in 0..2**63-1, got {seed}")
+  if not 0 <= seed < (1 << 32):
+    raise ValueError(f"seed must be in 0..2**32-1, got {seed}")
   return Request(secrets.token_hex(16), tuple(int(x) for x in prompt), int(max_tokens),
                  float(temperature), int(top_k), float(top_p), seed, secrets.token_hex(32),
                  bool(ignore_eos))
@@ -222,10 +222,11 @@ class RowRecorder:
     outs, tokens = jax.device_get((list(block_outputs), tokens))
     tokens = np.asarray(tokens, np.int32)
     b = tokens.shape[0]
+    per_block = [hashing.hash_rows(np.asarray(o)) for o in outs]  # [K][B]
     self.steps.append({
-        "token": [hashing.hash_array(tokens[r:r + 1]) for r in range(b)],
-        "sample_key": [hashing.hash_key(keys[r]) for r in range(b)],
-        "inf_out": [[hashing.hash_array(np.asarray(o)[r:r + 1]) for o in outs] for r in range(b)]})
+        "token": hashing.hash_rows(tokens),
+        "sample_key": hashing.hash_key_rows(keys),
+        "inf_out": [[per_block[k][r] for k in range(len(outs))] for r in range(b)]})
     self.tensors[f"tokens/{t}"] = tokens
     for k, o in enumerate(outs):
       if k % self.activation_interval == 0:

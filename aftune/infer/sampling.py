@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def sampling_key(seed: int, batch_id: int, t: int) -> jax.Array:
@@ -33,8 +34,21 @@ REQUEST_STREAM = 0x5E4E
 
 
 def request_keys(seeds, t: int) -> jax.Array:
-  """Stacked `request_key(seed, t)` of every row: a key array [B]."""
-  return jnp.stack([request_key(int(s), t) for s in seeds])
+  """Stacked `request_key(seed, t)` of every row: a key array [B] (one jitted call)."""
+  seeds = np.asarray(seeds, np.int64)
+  if seeds.ndim != 1 or seeds.min(initial=0) < 0 or seeds.max(initial=0) >= 1 << 32:
+    raise ValueError(f"request seeds are ints in 0..2**32-1, got {seeds!r}")
+  hi, lo = (seeds >> 32).astype(np.uint32), (seeds & 0xFFFFFFFF).astype(np.uint32)
+  return _request_keys(hi, lo, np.uint32(t))
+
+
+@jax.jit
+def _request_keys(seed_hi_B, seed_lo_B, t):
+  def one(hi, lo):
+    # jax.random.key(seed) as threefry seeds it: (seed >> 32, seed & 0xFFFFFFFF).
+    key = jax.random.wrap_key_data(jnp.stack([hi, lo]), impl="threefry2x32")
+    return jax.random.fold_in(jax.random.fold_in(key, REQUEST_STREAM), t)
+  return jax.vmap(one)(seed_hi_B, seed_lo_B)
 
 
 def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature: float = 0.0,
