@@ -413,3 +413,28 @@ def test_concurrent_http_clients_are_batched(http):
     t.join()
   assert len(out) == 4 and all(receipts_lib.check_receipt(a["receipt"]) for a in out)
   assert len({a["batch_id"] for a in out}) < 4  # some requests shared a batch
+
+
+def test_a_hostile_bundle_file_is_malformed_input_not_a_crash(served, tmp_path):
+  """Shapes are checked before anything is read: a spec that is not a batch spec, a cell
+  outside the layout, a tensor the cell does not need are one BundleError each."""
+  res = served["results"][2]
+  good = served["provider"].open_cell(res.row, 1, 1)
+  schema = lambda m: rv.tensor_schema(m, res.receipt)
+  cases = {
+      "spec": lambda b: b.manifest["spec"].__setitem__("environment", "x"),
+      "extra tensor": lambda b: b.tensors.__setitem__("out/9/9", np.zeros(3, np.float32)),
+      "other cell": lambda b: b.manifest["cell"].__setitem__("step_block", 99),
+      "leaf kind": lambda b: b.manifest["leaves"][0].__setitem__("kind", "../x"),
+  }
+  for name, fn in cases.items():
+    path = tmp_path / f"{name}.bundle"
+    bundle_lib.write_bundle(path, _tampered(good, fn))
+    if name == "other cell":  # a cell outside the layout: no tensors are read, it fails
+      back = bundle_lib.read_bundle(path, schema=schema)
+      assert back.tensors == {}
+      with pytest.raises(core.AuditInputError, match="outside"):
+        rv.verify_request_bundle(back, receipt=res.receipt)
+      continue
+    with pytest.raises(bundle_lib.BundleError):
+      bundle_lib.read_bundle(path, schema=schema)

@@ -124,7 +124,7 @@ REQUEST_MANIFEST = {
     "properties": {"format": {"const": REQUEST_FORMAT},
                    "request_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
                    "row": schemas.COUNT, "cell": _CELL, "commitment": schemas.SERVING_COMMITMENT,
-                   "spec": {"type": "object"},
+                   "spec": schemas.SERVING_SPEC,
                    "leaves": {"type": "array", "maxItems": 1 << 20, "items": ROW_LEAF},
                    "model_digests": DIGESTS, "training": TRAINING_BINDING},
     "additionalProperties": False,

@@ -102,28 +102,7 @@ def draw_cells(receipt: dict, m: int, *, seed: int | None = None) -> RequestChal
                           tuple(sorted(cells[i] for i in pick)))
 
 
-SPEC_SCHEMA = {
-    "type": "object",
-    "required": ["format", "batch_id", "model_hash", "source", "model", "grid", "layout",
-                 "prompt_width", "max_total_len", "max_new_tokens", "sampling", "stop_tokens",
-                 "pad_id", "program_fingerprint", "environment"],
-    "properties": {
-        "format": {"const": rr.SPEC_FORMAT}, "batch_id": schemas.COUNT,
-        "model_hash": schemas.HEX32, "model": {"type": "object"},
-        "grid": schemas.INFERENCE_GRID, "layout": schemas.ROW_LAYOUT,
-        "prompt_width": {"type": "integer", "minimum": 1, "maximum": rr.MAX_PROMPT_TOKENS},
-        "max_total_len": {"type": "integer", "minimum": 1,
-                          "maximum": rr.MAX_PROMPT_TOKENS + rr.MAX_NEW_TOKENS},
-        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": rr.MAX_NEW_TOKENS},
-        "sampling": {"type": "object", "required": ["temperature", "top_k", "top_p"],
-                     "properties": {"temperature": {"type": "number", "minimum": 0},
-                                    "top_k": schemas.COUNT, "top_p": {"type": "number"}},
-                     "additionalProperties": False},
-        "stop_tokens": {"type": "array", "maxItems": 64, "items": schemas.COUNT},
-        "pad_id": schemas.COUNT,
-        "program_fingerprint": {"type": "object", "additionalProperties": schemas.HEX32},
-        "environment": {"type": "object"}},
-}
+SPEC_SCHEMA = schemas.SERVING_SPEC
 
 
 def verify_request_bundle(bundle: bundle_lib.Bundle, *, receipt: dict[str, Any],

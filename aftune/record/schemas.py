@@ -80,6 +80,28 @@ ROW_LAYOUT = {
                    "num_layer_blocks": {"type": "integer", "minimum": 1, "maximum": 4096}},
     "additionalProperties": False,
 }
+SERVING_SPEC = {  # one served batch's public spec (infer/request_record.py)
+    "type": "object",
+    "required": ["format", "batch_id", "model_hash", "source", "model", "grid", "layout",
+                 "prompt_width", "max_total_len", "max_new_tokens", "sampling", "stop_tokens",
+                 "pad_id", "program_fingerprint", "environment"],
+    "properties": {
+        "format": {"const": "aftune-serving-batch/v1"}, "batch_id": COUNT,
+        "model_hash": HEX32, "model": {"type": "object"},
+        "grid": INFERENCE_GRID, "layout": ROW_LAYOUT,
+        "prompt_width": {"type": "integer", "minimum": 1, "maximum": 1 << 16},
+        "max_total_len": {"type": "integer", "minimum": 1,
+                          "maximum": (1 << 16) + (1 << 12)},
+        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 1 << 12},
+        "sampling": {"type": "object", "required": ["temperature", "top_k", "top_p"],
+                     "properties": {"temperature": {"type": "number", "minimum": 0},
+                                    "top_k": COUNT, "top_p": {"type": "number"}},
+                     "additionalProperties": False},
+        "stop_tokens": {"type": "array", "maxItems": 64, "items": COUNT},
+        "pad_id": COUNT,
+        "program_fingerprint": {"type": "object", "additionalProperties": HEX32},
+        "environment": {"type": "object"}},
+}
 SERVING_COMMITMENT = {  # one served batch of requests (infer/request_record.py)
     "type": "object",
     "required": ["format", "batch_id", "batch_spec_id", "merkle_root", "num_leaves", "layout",
