@@ -5,9 +5,9 @@ any thread (`submit`) or from the HTTP server's event loop; the worker takes the
 waiting request, waits up to `batch_window_s` for more (up to `max_batch`), groups them by
 sampling settings (temperature, top-k, top-p: a batch shares them), pads each group to a
 shape bucket (rows: a power of two, with filler rows; prompt width: a multiple of
-`prompt_bucket`) so that a few compiled programs serve every batch, and runs it. A
-recorded batch is written whole (`request_record.write_batch`) before any of its
-responses is released: a receipt is never issued for something not on disk, and a
+`prompt_bucket`) so that a few compiled programs serve every batch, and runs it. A second
+thread writes each recorded batch whole (`request_record.write_batch`) while the next one
+is generated, and only then releases its responses: a receipt is never issued for something not on disk, and a
 server killed mid-batch leaves no partial record (the temporary directory is removed at
 the next start). Tokens are streamed per step to requests that asked for it.
 """
@@ -111,22 +111,30 @@ class Engine:
     self.stop_tokens = (self.tokenizer.eos_id,) if self.tokenizer is not None else ()
     self.pad_id = self.tokenizer.pad_id if self.tokenizer is not None else 0
     self._queue: queue.Queue[_Pending | None] = queue.Queue()
+    self._writes: queue.Queue = queue.Queue(maxsize=2)  # generation runs at most 2 batches ahead
     self._thread: threading.Thread | None = None
-    self.stats = {"batches": 0, "requests": 0, "rows": 0, "tokens": 0, "busy_s": 0.0}
+    self._writer: threading.Thread | None = None
+    self.stats = {"batches": 0, "requests": 0, "rows": 0, "tokens": 0, "generate_s": 0.0,
+                  "write_s": 0.0}
 
   # ----------------------------------------------------------------- lifecycle
 
   def start(self) -> "Engine":
     if self._thread is None:
+      self._writer = threading.Thread(target=self._write_loop, name="aftune-writer", daemon=True)
+      self._writer.start()
       self._thread = threading.Thread(target=self._run, name="aftune-engine", daemon=True)
       self._thread.start()
     return self
 
   def stop(self) -> None:
+    """Serves what was queued, writes every generated batch, then stops both threads."""
     if self._thread is not None:
       self._queue.put(None)
       self._thread.join()
-      self._thread = None
+      self._writes.put(None)
+      self._writer.join()
+      self._thread = self._writer = None
 
   def warmup(self, prompt_len: int = 8) -> float:
     """Compiles the programs of every row bucket for one prompt width; returns seconds."""
@@ -198,22 +206,44 @@ class Engine:
         return
 
   def _serve(self, group: list[_Pending]) -> None:
+    """Generates the group's batch here; the writer thread records it and answers."""
     start = time.perf_counter()
     try:
-      results = self._run_batch(group)
+      finish = self._run_batch(group)
     except Exception as e:  # pylint: disable=broad-except  # every waiting client hears of it
-      logging.exception("batch failed")
-      for p in group:
-        if not p.future.done():
-          p.future.set_exception(e)
+      self._fail(group, e)
       return
-    busy = time.perf_counter() - start
-    self.stats["busy_s"] += busy
-    for p, res in zip(group, results):
-      res.queued_s = start - p.arrived
-      res.batch_s = busy
-      if not p.future.done():  # a client that went away (the record stays)
-        p.future.set_result(res)
+    self.stats["generate_s"] += time.perf_counter() - start
+    self._writes.put((group, finish, start))
+
+  def _fail(self, group: list[_Pending], e: Exception) -> None:
+    logging.exception("batch failed")
+    for p in group:
+      if not p.future.done():
+        p.future.set_exception(e)
+
+  def _write_loop(self) -> None:
+    """Writes each batch whole, in order, then releases its responses: the next batch is
+    generated meanwhile (recording overlaps generation; nothing is answered before it is
+    on disk)."""
+    while True:
+      item = self._writes.get()
+      if item is None:
+        return
+      group, finish, start = item
+      t0 = time.perf_counter()
+      try:
+        results = finish()
+      except Exception as e:  # pylint: disable=broad-except
+        self._fail(group, e)
+        continue
+      self.stats["write_s"] += time.perf_counter() - t0
+      done = time.perf_counter()
+      for p, res in zip(group, results):
+        res.queued_s = start - p.arrived
+        res.batch_s = done - start
+        if not p.future.done():  # a client that went away (the record stays)
+          p.future.set_result(res)
 
   def _generate(self, requests: list[rr.Request], *, record: bool,
                 streams: list | None = None) -> tuple[gen_lib.GenerationResult, Any]:
@@ -244,7 +274,8 @@ class Engine:
         prompt_width=width)
     return result, rec
 
-  def _run_batch(self, group: list[_Pending]) -> list[Result]:
+  def _run_batch(self, group: list[_Pending]) -> Callable[[], list[Result]]:
+    """Generates the batch; returns what records it and builds the results (the writer's)."""
     s = self.settings
     requests = [p.request for p in group]
     rows = _bucket_rows(len(requests), s.max_batch)
@@ -264,20 +295,27 @@ class Engine:
     result, rec = self._generate(requests, record=s.record, streams=streams)
     batch_id = self.next_batch_id
     self.next_batch_id += 1
-    receipts: list[dict | None] = [None] * len(group)
-    if s.record:
-      temperature, top_k, top_p = requests[0].sampling
-      _, _, issued = rr.write_batch(
-          self.batches, batch_id, model=self.model, requests=requests, result=result, rec=rec,
-          sampling_group={"temperature": temperature, "top_k": top_k, "top_p": top_p},
-          stop_tokens=() if requests[0].ignore_eos else self.stop_tokens, pad_id=self.pad_id,
-          activation_interval=s.activation_interval, environment=self.environment,
-          key=self.key, fillers=fillers)
-      receipts = list(issued)
-    self.stats["batches"] += 1
-    self.stats["requests"] += len(group)
-    self.stats["rows"] += rows
-    self.stats["tokens"] += sum(len(result.tokens[i]) for i in range(len(group)))
-    return [Result(p.request.request_id, list(map(int, result.tokens[i])), result.finish_reasons[i],
-                   len(p.request.prompt), receipts[i], batch_id, i, 0.0, 0.0)
-            for i, p in enumerate(group)]
+    fingerprint = (serving.program_fingerprint(self.model.blocked, result.prompt_ids,
+                                               result.attn_mask, result.max_total_len)
+                   if s.record else None)  # lowered here: JAX stays on this thread
+
+    def finish() -> list[Result]:
+      receipts: list[dict | None] = [None] * len(group)
+      if s.record:
+        temperature, top_k, top_p = requests[0].sampling
+        _, _, issued = rr.write_batch(
+            self.batches, batch_id, model=self.model, requests=requests, result=result, rec=rec,
+            sampling_group={"temperature": temperature, "top_k": top_k, "top_p": top_p},
+            stop_tokens=() if requests[0].ignore_eos else self.stop_tokens, pad_id=self.pad_id,
+            activation_interval=s.activation_interval, environment=self.environment,
+            key=self.key, fillers=fillers, program_fingerprint=fingerprint)
+        receipts = list(issued)
+      self.stats["batches"] += 1
+      self.stats["requests"] += len(group)
+      self.stats["rows"] += rows
+      self.stats["tokens"] += sum(len(result.tokens[i]) for i in range(len(group)))
+      return [Result(p.request.request_id, list(map(int, result.tokens[i])),
+                     result.finish_reasons[i], len(p.request.prompt), receipts[i], batch_id, i,
+                     0.0, 0.0) for i, p in enumerate(group)]
+
+    return finish

@@ -254,11 +254,13 @@ def leaf_hashes(layout: RowLayout, payloads: Sequence[bytes]) -> list[bytes]:
 def write_batch(batches_dir: Path, batch_id: int, *, model: Any, requests: Sequence[Request],
                 result: gen_lib.GenerationResult, rec: RowRecorder, sampling_group: dict,
                 stop_tokens: Sequence[int], pad_id: int, activation_interval: int,
-                environment: dict, key: Any, fillers: int = 0) -> tuple[Path, dict, list[dict]]:
+                environment: dict, key: Any, fillers: int = 0,
+                program_fingerprint: dict | None = None) -> tuple[Path, dict, list[dict]]:
   """Writes batch `batch_id`'s record and its receipts; returns (dir, commitment, receipts).
 
   The directory appears whole (written as `.tmp-*`, then renamed); an existing batch is
   never overwritten. `fillers`: the last rows are shape padding (no receipt).
+  `program_fingerprint`: the batch's (computed here when None).
   """
   from aftune.infer import receipts as receipts_lib  # pylint: disable=g-import-not-at-top
   from aftune.infer import serving  # pylint: disable=g-import-not-at-top
@@ -277,8 +279,8 @@ def write_batch(batches_dir: Path, batch_id: int, *, model: Any, requests: Seque
       "prompt_width": int(result.prompt_ids.shape[1]), "max_total_len": result.max_total_len,
       "max_new_tokens": max(r.max_tokens for r in requests),
       "sampling": sampling_group, "stop_tokens": [int(x) for x in stop_tokens], "pad_id": int(pad_id),
-      "program_fingerprint": serving.program_fingerprint(b, result.prompt_ids, result.attn_mask,
-                                                         result.max_total_len),
+      "program_fingerprint": program_fingerprint or serving.program_fingerprint(
+          b, result.prompt_ids, result.attn_mask, result.max_total_len),
       "environment": environment,
   }
   spec_id = hashing.hash_json(spec)
