@@ -209,28 +209,39 @@ class RowLayout:
 
 
 class RowRecorder:
-  """The generation observer: per step, every row's token, key and block outputs, hashed
-  row by row; the stored outputs (every I_A-th block) are kept whole ([B, ...])."""
+  """The generation observer: keeps every step's token, key and block outputs on the host;
+  `digest()` then hashes them row by row (on the engine's writer thread, overlapping the
+  next batch); the stored outputs (every I_A-th block) are kept whole ([B, ...])."""
 
   def __init__(self, activation_interval: int):
     self.activation_interval = activation_interval
-    self.steps: list[dict[str, Any]] = []
+    self.raw: list[tuple[list[np.ndarray], np.ndarray, Any]] = []
     self.tensors: dict[str, np.ndarray] = {}
+    self._steps: list[dict[str, Any]] | None = None
 
   def __call__(self, t, block_inputs, block_outputs, logits, tokens, keys):
     del block_inputs, logits
     outs, tokens = jax.device_get((list(block_outputs), tokens))
+    outs = [np.asarray(o) for o in outs]
     tokens = np.asarray(tokens, np.int32)
-    b = tokens.shape[0]
-    per_block = [hashing.hash_rows(np.asarray(o)) for o in outs]  # [K][B]
-    self.steps.append({
-        "token": hashing.hash_rows(tokens),
-        "sample_key": hashing.hash_key_rows(keys),
-        "inf_out": [[per_block[k][r] for k in range(len(outs))] for r in range(b)]})
+    self.raw.append((outs, tokens, keys))
     self.tensors[f"tokens/{t}"] = tokens
     for k, o in enumerate(outs):
       if k % self.activation_interval == 0:
-        self.tensors[f"out/{t}/{k}"] = np.asarray(o)
+        self.tensors[f"out/{t}/{k}"] = o
+
+  @property
+  def steps(self) -> list[dict[str, Any]]:
+    """Per step: the row digests of the token, the key and every block's output."""
+    if self._steps is None:
+      self._steps = []
+      for outs, tokens, keys in self.raw:
+        per_block = [hashing.hash_rows(o) for o in outs]  # [K][B]
+        self._steps.append({
+            "token": hashing.hash_rows(tokens), "sample_key": hashing.hash_key_rows(keys),
+            "inf_out": [[per_block[k][r] for k in range(len(outs))]
+                        for r in range(tokens.shape[0])]})
+    return self._steps
 
 
 def row_payloads(layout: RowLayout, spec_id: bytes, requests: Sequence[Request],
