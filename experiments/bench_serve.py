@@ -24,40 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from experiments import serve_client
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _server(workdir: Path, serving_dir: Path, log: Path, *overrides: str):
-  import httpx  # pylint: disable=g-import-not-at-top
-  port = _free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.serve", "--workdir", str(workdir),
-                           "--serving_dir", str(serving_dir), "--port", str(port),
-                           *[f"--serve.server.{o}" for o in overrides]],
-                          cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 600
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-    try:
-      if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-        return proc, url
-    except httpx.HTTPError:
-      time.sleep(1)
-  proc.kill()
-  raise RuntimeError("server did not start")
+  return serve_client.launch_server(workdir, log, "--serving_dir", str(serving_dir),
+                                    *[f"--serve.server.{o}" for o in overrides])
 
 
 def _load(url: str, out: Path, args) -> dict:

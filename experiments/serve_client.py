@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +70,32 @@ def _parser() -> argparse.ArgumentParser:
   l.add_argument("--training_commitment")
   l.add_argument("--out", default="load.json")
   return ap
+
+
+def launch_server(workdir: str | Path, log: str | Path, *flags: str,
+                  timeout_s: float = 600) -> tuple[subprocess.Popen, str]:
+  """Starts `experiments.serve` on a free loopback port (for tests and benchmarks); returns
+  (the process, its URL) once /healthz answers."""
+  import httpx  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  root = Path(__file__).resolve().parent.parent
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.serve", "--workdir", str(workdir),
+                           "--port", str(port), *flags], cwd=root, stdout=open(log, "w"),
+                          stderr=subprocess.STDOUT)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.time() + timeout_s
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise RuntimeError(f"the server exited: {Path(log).read_text()[-2000:]}")
+    try:
+      if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+        return proc, url
+    except httpx.HTTPError:
+      time.sleep(0.5)
+  proc.kill()
+  raise RuntimeError(f"the server did not come up in {timeout_s:.0f}s: {Path(log).read_text()[-2000:]}")
 
 
 def _pinned_key(args) -> str | None:

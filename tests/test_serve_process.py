@@ -10,7 +10,6 @@ end through the new server and through `experiments.challenge/open/verify --rece
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,37 +19,17 @@ import pytest
 
 from aftune.infer import receipts as receipts_lib
 from aftune.train import trainer as train
+from experiments import serve_client
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.xdist_group("serve_process")
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def start_server(workdir: Path, log: Path):
-  port = free_port()
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "experiments.serve", "--workdir", str(workdir), "--port", str(port),
-       "--warmup=false", "--serve.server.max_batch=4", "--serve.server.max_tokens_cap=8",
-       "--serve.server.batch_window_s=0.05", "--serve.server.prompt_bucket=16"],
-      cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-  url = f"http://127.0.0.1:{port}"
-  import httpx  # pylint: disable=g-import-not-at-top
-  deadline = time.time() + 180
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f"the server exited: {log.read_text()[-2000:]}")
-    try:
-      if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-        return proc, url
-    except httpx.HTTPError:
-      time.sleep(0.5)
-  proc.kill()
-  raise AssertionError(f"the server did not come up: {log.read_text()[-2000:]}")
+  return serve_client.launch_server(
+      workdir, log, "--warmup=false", "--serve.server.max_batch=4",
+      "--serve.server.max_tokens_cap=8", "--serve.server.batch_window_s=0.05",
+      "--serve.server.prompt_bucket=16", timeout_s=180)
 
 
 def run(*args, timeout=300):

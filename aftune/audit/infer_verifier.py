@@ -245,25 +245,34 @@ def _batch_shapes(inference_id: str, spec_json: str) -> dict[str, Any]:
   spec = json.loads(spec_json)
   grid = trace.InferenceGrid.from_dict(spec["grid"])
   cfg = family.config_from_dict(spec["model"])
-  size = int(spec["max_total_len"])
   ids, mask = gen_lib.left_pad(spec["prompts"], int(spec["settings"]["pad_id"]))
-  n_blocks = grid_lib.num_layer_blocks(len(family.of(cfg).unit_names(cfg)), grid.units_per_block)
-  x_p = jax.ShapeDtypeStruct(ids.shape, jnp.int32)
-  x_d = jax.ShapeDtypeStruct((ids.shape[0], 1), jnp.int32)
-  decode_ctx = gen_lib.decode_ctx(mask, 1, size) if ids.shape[1] < size else None
+  out = block_io_shapes(cfg, grid.units_per_block, mask, int(spec["max_total_len"]))
+  return {**out, "tokens": ("int32", (int(ids.shape[0]),))}
+
+
+def block_io_shapes(cfg: Any, units_per_block: int, mask_BxP: np.ndarray,
+                    max_total_len: int) -> dict[str, Any]:
+  """Per layer block: its (trainable, frozen) parameter shapes and the shapes of its output
+  at the prefill and at a decode step, for a left-padded batch of this mask and cache length
+  (what an inference bundle must hold, derived from the committed spec alone)."""
+  size = int(max_total_len)
+  b, p = mask_BxP.shape
+  n_blocks = grid_lib.num_layer_blocks(len(family.of(cfg).unit_names(cfg)), units_per_block)
+  x_p = jax.ShapeDtypeStruct((b, p), jnp.int32)
+  x_d = jax.ShapeDtypeStruct((b, 1), jnp.int32)
+  decode_ctx = gen_lib.decode_ctx(mask_BxP, 1, size) if p < size else None
   blocks, prefill, decode = [], [], []
   for j in range(n_blocks):
-    block_spec, t_abs, f_abs = grid_lib.abstract_block(cfg, grid.units_per_block, j)
+    block_spec, t_abs, f_abs = grid_lib.abstract_block(cfg, units_per_block, j)
     blocks.append((core.tree_shapes(t_abs), core.tree_shapes(f_abs)))
     x_p, cache = jax.eval_shape(lambda p, f, x, c, b=block_spec: gen_lib.block_prefill(b, p, f, x, c, size),
-                                t_abs, f_abs, x_p, gen_lib.prefill_ctx(mask))
+                                t_abs, f_abs, x_p, gen_lib.prefill_ctx(mask_BxP))
     prefill.append(core.shape_sig(x_p))
     if decode_ctx is not None:
       x_d, _ = jax.eval_shape(lambda p, f, x, c, ctx, b=block_spec: gen_lib.block_decode(b, p, f, x, c, ctx),
                               t_abs, f_abs, x_d, cache, decode_ctx)
       decode.append(core.shape_sig(x_d))
-  return {"blocks": blocks, "prefill": prefill, "decode": decode,
-          "tokens": ("int32", (int(ids.shape[0]),))}
+  return {"blocks": blocks, "prefill": prefill, "decode": decode}
 
 
 def check_model_config(spec, model_config, chk) -> None:

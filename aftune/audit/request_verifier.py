@@ -412,23 +412,6 @@ def tensor_schema(manifest: dict[str, Any], receipt: dict[str, Any]) -> dict | N
 def _row_shapes(spec_id: str, spec_json: str) -> dict[str, Any]:
   del spec_id  # the cache key: the spec hashes to it
   spec = json.loads(spec_json)
-  cfg = family.config_from_dict(spec["model"])
-  width, size = int(spec["prompt_width"]), int(spec["max_total_len"])
-  mask = np.ones((1, width), np.int32)
-  n_blocks = grid_lib.num_layer_blocks(len(family.of(cfg).unit_names(cfg)),
-                                       int(spec["grid"]["units_per_block"]))
-  x_p = jax.ShapeDtypeStruct((1, width), jnp.int32)
-  x_d = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  dctx = gen_lib.decode_ctx(mask, 1, size) if width < size else None
-  blocks, prefill, decode = [], [], []
-  for j in range(n_blocks):
-    block_spec, t_abs, f_abs = grid_lib.abstract_block(cfg, int(spec["grid"]["units_per_block"]), j)
-    blocks.append((core.tree_shapes(t_abs), core.tree_shapes(f_abs)))
-    x_p, cache = jax.eval_shape(lambda p, f, x, c, b=block_spec: gen_lib.block_prefill(b, p, f, x, c, size),
-                                t_abs, f_abs, x_p, gen_lib.prefill_ctx(mask))
-    prefill.append(core.shape_sig(x_p))
-    if dctx is not None:
-      x_d, _ = jax.eval_shape(lambda p, f, x, c, cx, b=block_spec: gen_lib.block_decode(b, p, f, x, c, cx),
-                              t_abs, f_abs, x_d, cache, dctx)
-      decode.append(core.shape_sig(x_d))
-  return {"blocks": blocks, "prefill": prefill, "decode": decode}
+  return infer_verifier.block_io_shapes(
+      family.config_from_dict(spec["model"]), int(spec["grid"]["units_per_block"]),
+      np.ones((1, int(spec["prompt_width"])), np.int32), int(spec["max_total_len"]))

@@ -56,7 +56,6 @@ from aftune.infer import generate as gen_lib
 from aftune.infer import sampling
 from aftune.record import layout as trace
 from aftune.record import recorder as recorder_lib
-from aftune.record import schemas
 from aftune.record import tensorfile
 
 SPEC_FORMAT = "aftune-serving-batch/v1"
