@@ -7,14 +7,15 @@ Parts, each measured side by side in this one run (the machine is shared: only t
 ratios within a table mean something):
 
   load     `experiments.serve` as a process, loaded by `serve_client load` (16 concurrent
-           clients, 16 tokens each, ignore_eos) for --duration_s, in three settings:
+           clients, 16 tokens each, ignore_eos) for --duration_s in --rounds rounds that
+           alternate between three servers running side by side:
            recorded (batches of up to 8), unrecorded (the baseline), and recorded with
            max_batch 1 (every request alone: batch-invariant by construction, the cost of
            not batching). Throughput, p50/p95 latency, receipts verified, receipt bytes.
   audit    one recorded request of 16 tokens: every cell (k, t) for t in {0, 7, 15}
-           opened and verified; the exact replay per token vs the teacher-forced first
-           pass per token (both warm); the replay at the committed batch shape (B rows)
-           vs at batch 1 (cheaper, but not bitwise: counted).
+           opened and verified (medians of --repeats); the exact replay per token vs the
+           teacher-forced first pass per token (both warm); the replay at the committed
+           batch shape (B rows) vs at batch 1 (not bitwise: the steps that match are counted).
 
 Writes OUT/bench_serve.json and prints the tables (docs/serving.md has them).
 """
@@ -47,19 +48,46 @@ def _load(url: str, out: Path, args) -> dict:
   return json.loads(out.read_text())
 
 
+SETTINGS = (("recorded", ("max_batch=8",)), ("unrecorded", ("max_batch=8", "record=false")),
+            ("recorded, max_batch 1", ("max_batch=1",)))
+
+
+def _merge(parts: list[dict]) -> dict:
+  """One setting's rounds as one load: summed counts, pooled latency percentiles."""
+  n = sum(p["requests"] for p in parts)
+  wall = sum(p["wall_s"] for p in parts)
+  tokens = sum(p["tokens_per_s"] * p["wall_s"] for p in parts)
+  mean = lambda key: sum(p[key] * p["requests"] for p in parts) / max(n, 1)
+  return {"requests": n, "wall_s": wall, "tokens_per_s": tokens / wall,
+          "requests_per_s": n / wall, "latency_p50_s": mean("latency_p50_s"),
+          "latency_p95_s": mean("latency_p95_s"), "latency_mean_s": mean("latency_mean_s"),
+          "receipts_verified": sum(p["receipts_verified"] for p in parts),
+          "failures": [f for p in parts for f in p["failures"]], "recording": parts[0]["recording"],
+          "rounds": parts}
+
+
 def part_load(args, workdir: Path, out: Path) -> dict:
-  results = {}
-  for name, overrides in (("recorded", ("max_batch=8",)), ("unrecorded", ("max_batch=8", "record=false")),
-                          ("recorded, max_batch 1", ("max_batch=1",))):
-    proc, url = _server(workdir, out / f"serving_{len(results)}", out / f"server_{len(results)}.log",
-                        f"max_tokens_cap={args.max_tokens}", *overrides)
-    try:
-      _load(url, out / "warm.json", argparse.Namespace(**{**vars(args), "duration_s": 5}))
-      results[name] = _load(url, out / f"load_{len(results)}.json", args)
-    finally:
+  """The three servers run side by side (idle ones cost nothing); the load alternates
+  between them in --rounds rounds, so that the machine's drift hits each setting alike."""
+  servers = {}
+  try:
+    for i, (name, overrides) in enumerate(SETTINGS):
+      servers[name] = _server(workdir, out / f"serving_{i}", out / f"server_{i}.log",
+                              f"max_tokens_cap={args.max_tokens}", *overrides)
+    per_round = argparse.Namespace(**{**vars(args), "duration_s": args.duration_s / args.rounds})
+    warm = argparse.Namespace(**{**vars(args), "duration_s": 5})
+    for name, (_, url) in servers.items():
+      _load(url, out / "warm.json", warm)
+    parts: dict[str, list[dict]] = {name: [] for name in servers}
+    for r in range(args.rounds):
+      for name, (_, url) in servers.items():
+        parts[name].append(_load(url, out / f"load_{len(parts[name])}_{r}.json", per_round))
+  finally:
+    for proc, _ in servers.values():
       proc.send_signal(signal.SIGTERM)
       proc.wait(timeout=120)
-    r = results[name]
+  results = {name: _merge(p) for name, p in parts.items()}
+  for name, r in results.items():
     print(f"{name:24s} {r['requests']:5d} req  {r['tokens_per_s']:8.1f} tok/s  "
           f"p50 {r['latency_p50_s']:.3f}s  p95 {r['latency_p95_s']:.3f}s  receipts "
           f"{r['receipts_verified']}  failures {len(r['failures'])}", flush=True)
@@ -94,8 +122,11 @@ def part_audit(args, workdir: Path, out: Path) -> dict:
     for t in sorted({0, args.max_tokens // 2 - 1, args.max_tokens - 1}):
       bundle = prov.open_cell(r.row, k, t)
       rv.verify_request_bundle(bundle, receipt=r.receipt, first_pass=True)  # compile
-      exact = rv.verify_request_bundle(bundle, receipt=r.receipt)
-      fp = rv.verify_request_bundle(bundle, receipt=r.receipt, first_pass=True, mode="tolerance")
+      exacts = [rv.verify_request_bundle(bundle, receipt=r.receipt) for _ in range(args.repeats)]
+      fps = [rv.verify_request_bundle(bundle, receipt=r.receipt, first_pass=True, mode="tolerance")
+             for _ in range(args.repeats)]
+      exact = sorted(exacts, key=lambda x: x.replay_s)[len(exacts) // 2]  # the median
+      fp = sorted(fps, key=lambda x: x.max_rel_err["first_pass_s"])[len(fps) // 2]
       fp_s = fp.max_rel_err["first_pass_s"]
       rows.append({"block": k, "step": t, "passed": exact.passed and fp.passed,
                    "auth_s": exact.auth_s, "exact_replay_s": exact.replay_s,
@@ -135,9 +166,12 @@ def part_audit(args, workdir: Path, out: Path) -> dict:
           same += int(np.array_equal(np.asarray(y)[:1], T[names.infer_out(s, k)]))
         return same
       run()
-      t0 = time.perf_counter()
-      same = run()
-      out[n] = (time.perf_counter() - t0, same)
+      times = []
+      for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        same = run()
+        times.append(time.perf_counter() - t0)
+      out[n] = (sorted(times)[len(times) // 2], same)  # the median
     shape_rows.append({"block": k, "steps": t_last + 1, "committed_rows": lay.rows,
                        "replay_committed_shape_s": out[lay.rows][0],
                        "bitwise_steps_committed_shape": out[lay.rows][1],
@@ -153,10 +187,12 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m experiments.bench_serve", description=__doc__.split("\n")[0])
   ap.add_argument("--out", required=True)
   ap.add_argument("--workdir", help="an audited training run (default: train tiny into OUT/run)")
-  ap.add_argument("--duration_s", type=float, default=30)
+  ap.add_argument("--duration_s", type=float, default=30, help="load per setting, in all")
+  ap.add_argument("--rounds", type=int, default=3, help="the load alternates in this many rounds")
   ap.add_argument("--clients", type=int, default=16)
   ap.add_argument("--max_tokens", type=int, default=16)
   ap.add_argument("--parts", default="load,audit")
+  ap.add_argument("--repeats", type=int, default=5, help="audit timings: the median of this many")
   args = ap.parse_args(argv)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +205,13 @@ def main(argv=None) -> int:
   if "load" in args.parts:
     report["load"] = part_load(args, workdir, out)
     rec, plain, alone = (report["load"][n] for n in ("recorded", "unrecorded", "recorded, max_batch 1"))
+    rounds = lambda a, b: [x["tokens_per_s"] / y["tokens_per_s"] for x, y in
+                           zip(report["load"][a]["rounds"], report["load"][b]["rounds"])]
+    report["ratios_per_round"] = {
+        "recorded/unrecorded tokens_per_s": rounds("recorded", "unrecorded"),
+        "max_batch 1 / max_batch 8 tokens_per_s (recorded)": rounds("recorded, max_batch 1",
+                                                                    "recorded")}
+    print("per round:", {k: [round(x, 2) for x in v] for k, v in report["ratios_per_round"].items()})
     report["ratios"] = {
         "recorded/unrecorded tokens_per_s": rec["tokens_per_s"] / plain["tokens_per_s"],
         "recorded/unrecorded p50 latency": rec["latency_p50_s"] / plain["latency_p50_s"],
