@@ -438,3 +438,20 @@ def test_a_hostile_bundle_file_is_malformed_input_not_a_crash(served, tmp_path):
       continue
     with pytest.raises(bundle_lib.BundleError):
       bundle_lib.read_bundle(path, schema=schema)
+
+
+def test_unstored_outputs_are_regenerated_by_running_the_batch_again(model, prompts, trained,
+                                                                     tmp_path):
+  """I_A = 2: blocks 1 (and 3, ...) are not stored; the provider reruns the batch (every
+  row's request is in its private requests.json) and the openings still verify bitwise."""
+  engine = engine_lib.Engine(model, tmp_path, dataclasses.replace(SETTINGS, activation_interval=2),
+                             key_path=trained / "provider_key.pem").start()
+  res = serve_together(engine, prompts)[2]
+  engine.stop()
+  batch = rr.load_batch(engine.batches / rr.batch_name(res.batch_id))
+  prov = request_provider.RequestProvider(batch, model)
+  assert "out/0/1" not in prov.stored and "out/0/0" in prov.stored
+  for k, t in ((1, 0), (1, 3), (2, 2)):  # block 1 unstored: its own output and block 2's input
+    rep = rv.verify_request_bundle(prov.open_cell(res.row, k, t), receipt=res.receipt)
+    assert rep.passed, (k, t, rep.check, rep.reason)
+  assert prov._regenerated is not None  # pylint: disable=protected-access
