@@ -307,9 +307,13 @@ def _check_programs(bundle, grid, chk, fns) -> None:
   block_spec, t_abs, f_abs = grid_lib.abstract_block(cfg, grid.units_per_block, k)
   ids, mask = gen_lib.left_pad(spec["prompts"], int(spec["settings"]["pad_id"]))
   x_in = jnp.asarray(ids) if k == 0 else jnp.asarray(T[names.infer_out(0, k - 1)])
-  got = serving.block_program_fingerprint(block_spec, t_abs, f_abs, x_in, mask,
-                                          int(spec["max_total_len"]), fns=fns)
-  want = spec["program_fingerprint"]
+  check_fingerprint(serving.block_program_fingerprint(block_spec, t_abs, f_abs, x_in, mask,
+                                                      int(spec["max_total_len"]), fns=fns),
+                    spec["program_fingerprint"], chk)
+
+
+def check_fingerprint(got: dict[str, str], want: dict[str, str], chk) -> None:
+  """This verifier's compiled programs (`got`) are the committed ones (`want`)."""
   diff = sorted(n for n, h in got.items() if want.get(n) != h)
   chk.require(not diff, "program", f"this verifier's compiled programs differ from the committed "
               f"fingerprint in {diff} (other software)")

@@ -277,10 +277,7 @@ def _check_programs(bundle, ctx, rows, chk, fns) -> None:
   got = serving.block_program_fingerprint(
       ctx["block_spec"], ctx["params"], ctx["frozen"], jnp.asarray(rr.replay_rows(x0, rows)),
       rr.replay_rows(ctx["mask"], rows), int(spec["max_total_len"]), fns=fns)
-  want = spec["program_fingerprint"]
-  diff = sorted(n for n, h in got.items() if want.get(n) != h)
-  chk.require(not diff, "program", f"this verifier's compiled programs differ from the committed "
-              f"fingerprint in {diff} (other software)")
+  infer_verifier.check_fingerprint(got, spec["program_fingerprint"], chk)
 
 
 def _replay(bundle, receipt, ctx, chk, fns) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -101,10 +102,11 @@ class Engine:
     self.batches = self.dir / "batches"
     self.batches.mkdir(parents=True, exist_ok=True)
     for tmp in self.batches.glob(".tmp-*"):  # a batch written when the server was killed:
-      import shutil  # pylint: disable=g-import-not-at-top  # no receipt was issued for it
-      shutil.rmtree(tmp)
+      shutil.rmtree(tmp)  # no receipt was issued for it
     ids = [int(p.name) for p in self.batches.glob("[0-9]*") if p.name.isdigit()]
     self.next_batch_id = max(ids) + 1 if ids else 0
+    # request id -> receipt file: read once here, then added to as batches are written.
+    self._receipts = rr.receipt_index(self.batches)
     self.key = rr.new_key(Path(key_path))
     self.environment = provenance.environment_manifest()
     self.tokenizer = model.tokenizer
@@ -167,13 +169,7 @@ class Engine:
 
   def receipt_path(self, request_id: str) -> Path | None:
     """Where the receipt of `request_id` is kept (None: no recorded batch holds it)."""
-    if not (len(request_id) == 32 and all(c in "0123456789abcdef" for c in request_id)):
-      return None
-    for batch in sorted(self.batches.glob("[0-9]*"), reverse=True):
-      p = batch / "receipts" / f"{request_id}.json"
-      if p.is_file():
-        return p
-    return None
+    return self._receipts.get(request_id) if rr.is_request_id(request_id) else None
 
   # ----------------------------------------------------------------- the worker
 
@@ -303,13 +299,15 @@ class Engine:
       receipts: list[dict | None] = [None] * len(group)
       if s.record:
         temperature, top_k, top_p = requests[0].sampling
-        _, _, issued = rr.write_batch(
+        batch_dir, _, issued = rr.write_batch(
             self.batches, batch_id, model=self.model, requests=requests, result=result, rec=rec,
             sampling_group={"temperature": temperature, "top_k": top_k, "top_p": top_p},
             stop_tokens=() if requests[0].ignore_eos else self.stop_tokens, pad_id=self.pad_id,
             activation_interval=s.activation_interval, environment=self.environment,
             key=self.key, fillers=fillers, program_fingerprint=fingerprint)
         receipts = list(issued)
+        self._receipts.update({r["request_id"]: batch_dir / "receipts" / f"{r['request_id']}.json"
+                               for r in issued})
       self.stats["batches"] += 1
       self.stats["requests"] += len(group)
       self.stats["rows"] += rows

@@ -53,7 +53,6 @@ from aftune.crypto import hashing
 from aftune.crypto import merkle
 from aftune.crypto import signing
 from aftune.infer import generate as gen_lib
-from aftune.infer import sampling
 from aftune.record import layout as trace
 from aftune.record import recorder as recorder_lib
 from aftune.record import tensorfile
@@ -334,6 +333,17 @@ def batch_name(batch_id: int) -> str:
   return f"{batch_id:08d}"
 
 
+def is_request_id(text: Any) -> bool:
+  """32 lowercase hex digits: safe to put in a file name."""
+  return isinstance(text, str) and len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+def receipt_index(batches_dir: str | Path) -> dict[str, Path]:
+  """request id -> its receipt file, over every finished batch under `batches_dir`."""
+  return {p.stem: p for p in Path(batches_dir).glob("[0-9]*/receipts/*.json")
+          if is_request_id(p.stem)}
+
+
 @dataclasses.dataclass
 class BatchRecord:
   """A batch as its provider holds it (checked against its signed root when loaded)."""
@@ -411,11 +421,6 @@ def row_mask(prompt_len: int, width: int) -> np.ndarray:
   mask = np.zeros((1, width), np.int32)
   mask[0, width - prompt_len:] = 1
   return mask
-
-
-def request_keys(seed: int, steps: int) -> list[jax.Array]:
-  """The request's sampling keys of steps 0..steps-1."""
-  return [sampling.request_key(seed, t) for t in range(steps)]
 
 
 def new_key(path: Path):
