@@ -189,6 +189,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                            plain=config.step_impl == "plain")
     drain(keep=0)
     if observer is not None and state.step == job.num_steps:
+      # The commitment's storage report counts the checkpoints on disk: the last one's
+      # asynchronous save must be finished, not half-written, when it is measured.
+      checkpointer.wait()
       observer.finish(state.step, state.params, state.opt_states)
   finally:
     metrics_f.close()
